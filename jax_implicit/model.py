@@ -1,0 +1,330 @@
+"""One decoder-only transformer for Llama-2, Llama-family GQA models and OLMo, in Flax NNX.
+
+Why NNX rather than Linen: parameters are plain `nnx.Param` arrays that carry their logical
+axes as metadata, declared once in `Decoder.__init__`; `nnx.split` turns the model into a
+(graphdef, state) pair, so the train and decode steps are pure jitted functions over a pytree
+that orbax saves and `jax.jit` shards directly. Layers are stacked on a leading `layers` axis
+and run under `jax.lax.scan`, so compile time does not grow with depth.
+
+Numerics follow transformers' PyTorch classes: RMSNorm and the non-parametric LayerNorm in
+float32, RoPE in HF's rotate-half layout (no q/k permutation on import), softmax in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "olmo")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    norm: str = "rms"  # "rms": learned scale (Llama); "layernorm": no scale, no bias (OLMo)
+    norm_eps: float = 1e-5
+    clip_qkv: float | None = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; norms, softmax and logits stay float32
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"{field}={getattr(self, field)!r}; expected one of {sorted(DTYPES)}")
+        if self.norm not in ("rms", "layernorm"):
+            raise ValueError(f"norm={self.norm!r}; expected 'rms' or 'layernorm'")
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"rope scaling {kind!r} is not supported (only plain RoPE)")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def from_hf_config(hf: dict | str | Path, *, param_dtype: str = "float32", dtype: str = "float32") -> ModelConfig:
+    """Build a ModelConfig from an HF `config.json` (dict, file or model directory).
+
+    Every HF option that changes the computation and that this model cannot represent raises,
+    so an unsupported checkpoint never loads with a silent default.
+    """
+    if not isinstance(hf, dict):
+        path = Path(hf)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no HF config at {path}")
+        hf = json.loads(path.read_text())
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    unsupported = {
+        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (hf.get("attention_bias", False), False),
+        "mlp_bias": (hf.get("mlp_bias", False), False),
+        "sliding_window": (hf.get("sliding_window") if hf.get("use_sliding_window", True) else None, None),
+        "qk_layernorm": (hf.get("qk_layernorm", False), False),
+    }
+    for key, (value, expected) in unsupported.items():
+        if value != expected:
+            raise ValueError(f"config.json: {key}={value!r} is not supported (expected {expected!r})")
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_theta=_rope_theta(hf),
+        norm="layernorm" if model_type == "olmo" else "rms",
+        norm_eps=1e-5 if model_type == "olmo" else hf.get("rms_norm_eps", 1e-6),
+        clip_qkv=hf.get("clip_qkv"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        pad_token_id=hf.get("pad_token_id"),
+        param_dtype=param_dtype,
+        dtype=dtype,
+    )
+
+
+def to_hf_config(cfg: ModelConfig) -> dict:
+    """The HF `config.json` that transformers needs to rebuild this model."""
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "olmo": "OlmoForCausalLM"}[cfg.model_type]
+    out: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "attention_bias": False,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else (cfg.eos_token_ids or [None])[0],
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": cfg.param_dtype,
+    }
+    if cfg.model_type == "olmo":
+        out["clip_qkv"] = cfg.clip_qkv
+    else:
+        out["rms_norm_eps"] = cfg.norm_eps
+        out["mlp_bias"] = False
+    if cfg.model_type == "mistral":
+        out["sliding_window"] = None
+    return out
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Layers(nnx.Module):
+    """All decoder layers, stacked on a leading `layers` axis for `lax.scan`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, D, F, H, K, Dh = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size,
+                             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        pdt = DTYPES[cfg.param_dtype]
+        normal = lambda shape, fan_in: (jax.random.normal(rngs.params(), shape, pdt) / math.sqrt(fan_in))
+        ones = lambda shape: jnp.ones(shape, pdt)
+        self.wq = nnx.Param(normal((L, D, H, Dh), D), axes=("layers", "embed", "heads", "head_dim"))
+        self.wk = nnx.Param(normal((L, D, K, Dh), D), axes=("layers", "embed", "kv_heads", "head_dim"))
+        self.wv = nnx.Param(normal((L, D, K, Dh), D), axes=("layers", "embed", "kv_heads", "head_dim"))
+        self.wo = nnx.Param(normal((L, H, Dh, D), H * Dh), axes=("layers", "heads", "head_dim", "embed"))
+        self.w_gate = nnx.Param(normal((L, D, F), D), axes=("layers", "embed", "mlp"))
+        self.w_up = nnx.Param(normal((L, D, F), D), axes=("layers", "embed", "mlp"))
+        self.w_down = nnx.Param(normal((L, F, D), F), axes=("layers", "mlp", "embed"))
+        if cfg.norm == "rms":
+            self.attn_norm = nnx.Param(ones((L, D)), axes=("layers", "norm"))
+            self.mlp_norm = nnx.Param(ones((L, D)), axes=("layers", "norm"))
+
+    def weights(self) -> dict[str, jax.Array]:
+        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """A fixed-size cache: slot j of every row holds the token written at step j (left-padded prompts
+    share one write index). `valid` marks slots that hold real tokens, so padding is never attended."""
+
+    k: jax.Array  # (layers, batch, max_len, kv_heads, head_dim)
+    v: jax.Array
+    valid: jax.Array  # (batch, max_len) bool
+    index: jax.Array  # () int32: next slot to write
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dt = DTYPES[cfg.dtype]
+        return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), bool), jnp.int32(0))
+
+    AXES = {"k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+            "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+            "valid": ("batch", "cache_seq"), "index": ()}
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = DTYPES[cfg.param_dtype]
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed = nnx.Param(jax.random.normal(rngs.params(), (V, D), pdt) * 0.02, axes=("vocab", "embed"))
+        self.layers = Layers(cfg, rngs)
+        if cfg.norm == "rms":
+            self.final_norm = nnx.Param(jnp.ones((D,), pdt), axes=("norm",))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(jax.random.normal(rngs.params(), (V, D), pdt) / math.sqrt(D), axes=("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Logits (float32) for `tokens` (batch, seq).
+
+        `positions` are the RoPE positions, `mask` is True on real tokens. Without a cache every token
+        attends causally to the real tokens of its own sequence; with one, the new keys are written at
+        `cache.index` and every token attends to the real tokens in the slots up to its own.
+        """
+        cfg = self.cfg
+        dt = DTYPES[cfg.dtype]
+        x = self.embed[...].astype(dt)[tokens]
+        seq = tokens.shape[1]
+        if cache is None:
+            key_valid, q_slot = mask, jnp.arange(seq)
+        else:
+            valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+            key_valid, q_slot = valid, cache.index + jnp.arange(seq)
+        k_slot = jnp.arange(key_valid.shape[1])
+        attend = (k_slot[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]  # (B, T, S)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, dt)
+
+        def layer(x, xs):
+            w, kv = xs
+            x, kv = _block(cfg, w, x, cos, sin, attend, kv, None if cache is None else cache.index)
+            return x, kv
+
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, kv_out = jax.lax.scan(layer, x, (self.layers.weights(), kv_in))
+        x = _norm(cfg, x, self.final_norm[...] if cfg.norm == "rms" else None)
+        head = self.embed if cfg.tie_word_embeddings else self.lm_head
+        logits = jnp.einsum("btd,vd->btv", x.astype(dt), head[...].astype(dt), preferred_element_type=jnp.float32)
+        if cache is not None:
+            cache = KVCache(kv_out[0], kv_out[1], valid, cache.index + seq)
+        return logits, cache
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def _norm(cfg: ModelConfig, x: jax.Array, scale: jax.Array | None) -> jax.Array:
+    h = x.astype(jnp.float32)
+    if cfg.norm == "rms":
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + cfg.norm_eps)
+        return scale.astype(x.dtype) * h.astype(x.dtype)
+    mean = jnp.mean(h, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+    return ((h - mean) * jax.lax.rsqrt(var + cfg.norm_eps)).astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape (batch, seq, head_dim) in HF's rotate-half layout, computed in float32."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def _block(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin, attend, kv, index):
+    dt = x.dtype
+    h = _norm(cfg, x, w.get("attn_norm"))
+    q = jnp.einsum("btd,dhk->bthk", h, w["wq"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", h, w["wk"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", h, w["wv"].astype(dt))
+    if cfg.clip_qkv is not None:
+        q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    if kv is not None:
+        k = jax.lax.dynamic_update_slice(kv[0], k, (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(kv[1], v, (0, index, 0, 0))
+        kv = (k, v)
+    x = x + jnp.einsum("bthk,hkd->btd", _attention(q, k, v, attend), w["wo"].astype(dt))
+    h = _norm(cfg, x, w.get("mlp_norm"))
+    gate = jnp.einsum("btd,df->btf", h, w["w_gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", h, w["w_up"].astype(dt))
+    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["w_down"].astype(dt))
+    return x, kv
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, attend: jax.Array) -> jax.Array:
+    """Grouped-query attention: q (B,T,H,Dh), k/v (B,S,K,Dh), attend (B,T,S) bool."""
+    b, t, h, dh = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = jnp.where(attend[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """RoPE positions for a left-padded batch: 0 at each row's first real token (HF's convention)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def init(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract(cfg: ModelConfig) -> Decoder:
+    """The model with `ShapeDtypeStruct` leaves: shapes and axes without allocating weights."""
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+
+
+def logical_axes(model: Decoder) -> dict:
+    """Each parameter's logical axes, as a nested dict shaped like `nnx.to_pure_dict(nnx.state(model))`."""
+    is_var = lambda v: isinstance(v, nnx.Variable)
+    return nnx.to_pure_dict(jax.tree.map(lambda v: v.replace(v.get_metadata()["axes"]), nnx.state(model, nnx.Param), is_leaf=is_var))
