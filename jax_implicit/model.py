@@ -204,6 +204,10 @@ class KVCache:
 
 
 class Decoder(nnx.Module):
+    # Optional `fn(x, logical_axes) -> x` pinning activations to a mesh (`sharding.Sharder` sets it).
+    # Static, so it is part of the graphdef and of jit's cache key. None: shardings propagate from inputs.
+    activation_sharding: Any = None
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pdt = DTYPES[cfg.param_dtype]
@@ -225,7 +229,8 @@ class Decoder(nnx.Module):
         """
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
-        x = self.embed[...].astype(dt)[tokens]
+        pin = self.activation_sharding or (lambda a, _: a)
+        x = pin(self.embed[...].astype(dt)[tokens], ("batch", "seq", None))
         seq = tokens.shape[1]
         if cache is None:
             key_valid, q_slot = mask, jnp.arange(seq)
@@ -239,13 +244,14 @@ class Decoder(nnx.Module):
         def layer(x, xs):
             w, kv = xs
             x, kv = _block(cfg, w, x, cos, sin, attend, kv, None if cache is None else cache.index)
-            return x, kv
+            return pin(x, ("batch", "seq", None)), kv
 
         kv_in = None if cache is None else (cache.k, cache.v)
         x, kv_out = jax.lax.scan(layer, x, (self.layers.weights(), kv_in))
         x = _norm(cfg, x, self.final_norm[...] if cfg.norm == "rms" else None)
         head = self.embed if cfg.tie_word_embeddings else self.lm_head
         logits = jnp.einsum("btd,vd->btv", x.astype(dt), head[...].astype(dt), preferred_element_type=jnp.float32)
+        logits = pin(logits, ("batch", "seq", "vocab"))
         if cache is not None:
             cache = KVCache(kv_out[0], kv_out[1], valid, cache.index + seq)
         return logits, cache
