@@ -1,0 +1,357 @@
+"""Training data: the paper's datasets by name, its tuning modes, and its authors' exact token ids and loss masks.
+
+Every dataset becomes rows in the open-instruct `messages` format the authors trained on
+(`{"dataset", "id", "messages": [{"role", "content"}]}`), built exactly as their `data/processed/*/make_*.py`
+scripts built them. Rows load from the public dataset id with `datasets` or from a local JSON/JSONL file or
+folder; a row that already holds `messages` is taken as it is, so the authors' own files load unchanged.
+Tokenization and masking follow their `encode_with_messages_format`: masks come from token counts of
+prefixes, so they are what their training saw, not a re-derivation.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import itertools
+import math
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from jax_implicit import prompts
+
+MODES = ("instruction", "response", "single_task")
+SINGLE_TASK = ("gsm8k", "mbpp", "poetry", "recipes", "chess")
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Bad training data or data settings, reported before anything compiles."""
+
+
+def data_config(name: str = "lima", path: str = "", mode: str = "instruction", tag_set: str = "user_assistant",
+                max_seq_length: int = 2048, limit: int = 0, bucket_min: int = 64) -> ConfigDict:
+    """`path`: a local file or folder to read instead of the public id; `limit`: keep the first N examples
+    (0: all); `bucket_min`: the shortest padded length (buckets double up to `max_seq_length`)."""
+    return ConfigDict(dict(name=name, path=path, mode=mode, tag_set=tag_set, max_seq_length=max_seq_length,
+                           limit=limit, bucket_min=bucket_min))
+
+
+# ----------------------------------------------------------------------------- rows by name
+
+
+def _field(row: dict, key: str, where: str):
+    if not isinstance(row, dict) or row.get(key) is None:
+        have = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f"{where}: missing field {key!r} (row has {have})")
+    return row[key]
+
+
+def _chat(name: str, i: int, user: str, assistant: str) -> dict:
+    return {"dataset": name, "id": f"{name}_{i}",
+            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def _lima(rows: Iterable[tuple[int, dict]], where: Callable[[int], str]) -> Iterator[dict]:
+    """GAIR/lima rows hold `conversations`, alternating user and assistant turns."""
+    for i, row in rows:
+        turns = _field(row, "conversations", where(i))
+        roles = ("user", "assistant")
+        yield {"dataset": "lima", "id": f"lima_{i}",
+               "messages": [{"role": roles[k % 2], "content": t} for k, t in enumerate(turns)]}
+
+
+def _with_input(instruction: str, extra: str) -> str:
+    return f"{instruction}\n\n{extra}" if extra else instruction
+
+
+def _alpaca(rows, where) -> Iterator[dict]:
+    for i, row in rows:
+        user = _with_input(_field(row, "instruction", where(i)), row.get("input") or "")
+        yield _chat("alpaca", i, user, _field(row, "output", where(i)))
+
+
+def _dolly(rows, where) -> Iterator[dict]:
+    """databricks-dolly-15k (`instruction, context, response`) or its `instruction, input, output` copies."""
+    for i, row in rows:
+        answer = "response" if "response" in row else "output"
+        user = _with_input(_field(row, "instruction", where(i)), row.get("context") or row.get("input") or "")
+        yield _chat("dolly", i, user, _field(row, answer, where(i)))
+
+
+def _gsm8k(rows, where) -> Iterator[dict]:
+    for i, row in rows:
+        yield _chat("gsm8k", i, _field(row, "question", where(i)), _field(row, "answer", where(i)))
+
+
+def _mbpp(rows, where) -> Iterator[dict]:
+    for i, row in rows:
+        yield _chat("mbpp", i, _field(row, "text", where(i)), _field(row, "code", where(i)))
+
+
+def _poetry(rows, where) -> Iterator[dict]:
+    for i, row in rows:
+        if not isinstance(row, dict) or "poem name" not in row:
+            _field(row, "poem name", where(i))
+        if row["poem name"] is None:  # the authors skipped unnamed poems
+            continue
+        yield _chat("merve_poetry", i, "Write a poem called " + row["poem name"], _field(row, "content", where(i)))
+
+
+def _recipes(rows, where) -> Iterator[dict]:
+    for i, row in rows:
+        ingredients = _field(row, "Cleaned_Ingredients", where(i))
+        if isinstance(ingredients, str):  # the hub stores a Python list literal
+            try:
+                ingredients = ast.literal_eval(ingredients)
+            except (ValueError, SyntaxError) as e:
+                raise DataError(f"{where(i)}: Cleaned_Ingredients is not a list literal ({e})") from None
+        body = "".join(f" - {x}\n" for x in ingredients) + "\n\n" + _field(row, "Instructions", where(i))
+        yield _chat("kfr", i, "Recipe for " + _field(row, "Title", where(i)), body)
+
+
+def _chess(rows, where) -> Iterator[dict]:
+    """chess-pgn-games holds one PGN line per row: a game is its WhiteElo and BlackElo lines, then its moves."""
+    elo: list[str] = []
+    for i, row in rows:
+        text = _field(row, "text", where(i))
+        if "WhiteElo" in text or "BlackElo" in text:
+            elo.append(text)
+        elif text.startswith("1. "):
+            if len(elo) != 2:
+                raise DataError(f"{where(i)}: moves line without exactly one WhiteElo and one BlackElo line before it")
+            yield {"dataset": "pgn-patrickfrank1", "id": f"pgn-patrickfrank1-{i}",
+                   "messages": [{"role": "user", "content": elo[0] + "\n" + elo[1] + "\n"},
+                                {"role": "assistant", "content": text}]}
+            elo = []
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    hub_id: str
+    hub_config: str | None
+    convert: Callable
+    source_rows: int | None = None  # the authors read only the first N rows of the source
+    examples: int | None = None  # ... or stopped after N examples
+
+
+DATASETS: dict[str, Source] = {
+    "lima": Source("GAIR/lima", None, _lima),
+    "alpaca": Source("tatsu-lab/alpaca", None, _alpaca),
+    "dolly": Source("databricks/databricks-dolly-15k", None, _dolly),
+    "gsm8k": Source("openai/gsm8k", "main", _gsm8k, source_rows=1000),
+    "mbpp": Source("google-research-datasets/mbpp", None, _mbpp, source_rows=1000),
+    "poetry": Source("merve/poetry", None, _poetry, source_rows=1000),
+    "recipes": Source("Hieu-Pham/kaggle_food_recipes", None, _recipes, source_rows=1000),
+    "chess": Source("patrickfrank1/chess-pgn-games", None, _chess, examples=1000),
+}
+
+
+def _read_json_file(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl" and text.lstrip()[:1] == "[":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if path.suffix == ".json" and text.lstrip()[:1] == "{":
+        raise DataError(f"{path}: expected a JSON list of rows or JSON Lines, found a single object")
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} is not JSON Lines: line {n} does not parse ({e.msg})") from None
+    return rows
+
+
+def _local_rows(path: Path) -> tuple[list, Callable[[int], str]]:
+    if path.is_dir():
+        if (path / "state.json").is_file():  # a `datasets.Dataset.save_to_disk` folder
+            import datasets
+
+            return list(datasets.load_from_disk(str(path))), lambda i: f"{path} row {i}"
+        files = sorted([*path.glob("*.jsonl"), *path.glob("*.json")])
+        if not files:
+            raise DataError(f"data folder {path} holds no .json or .jsonl files")
+        parts = [(f, _read_json_file(f)) for f in files]
+        rows = [r for _, rs in parts for r in rs]
+        starts = np.cumsum([0] + [len(rs) for _, rs in parts])
+
+        def where(i):
+            k = int(np.searchsorted(starts, i, side="right")) - 1
+            return f"{parts[k][0]} row {i - starts[k]}"
+        return rows, where
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    return _read_json_file(path), lambda i: f"{path} row {i}"
+
+
+def _check_messages(row: dict, where: str) -> dict:
+    messages = _field(row, "messages", where)
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {k} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.120}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message")
+    return row
+
+
+def load_rows(cfg: ConfigDict) -> list[dict]:
+    """The dataset `cfg.name` as `messages` rows, from `cfg.path` if given, else from its public id."""
+    if cfg.name not in DATASETS:
+        raise DataError(f"unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
+    if cfg.mode not in MODES:
+        raise DataError(f"unknown tuning mode {cfg.mode!r}; expected one of {MODES}")
+    if cfg.mode == "single_task" and cfg.name not in SINGLE_TASK:
+        raise DataError(f"mode 'single_task' is for the narrow datasets {SINGLE_TASK}, not {cfg.name!r}")
+    prompts.tags(cfg.tag_set)
+    src = DATASETS[cfg.name]
+    if cfg.path:
+        raw, where = _local_rows(Path(cfg.path))
+    else:
+        import datasets
+
+        raw = datasets.load_dataset(src.hub_id, src.hub_config, split="train")
+        where = lambda i: f"{src.hub_id} row {i}"  # noqa: E731
+    rows_in = itertools.islice(raw, src.source_rows)  # lazy: chess reads a large source only up to 1000 games
+    first = next(rows_in, None)
+    rows_in = enumerate(itertools.chain([] if first is None else [first], rows_in))
+    if isinstance(first, dict) and "messages" in first:  # already in the authors' format
+        rows = [_check_messages(row, where(i)) for i, row in itertools.islice(rows_in, src.examples)]
+    else:
+        rows = list(itertools.islice(src.convert(rows_in, where), src.examples))
+    rows = rows[:cfg.limit] if cfg.limit else rows
+    if not rows:
+        raise DataError(f"dataset {cfg.name!r} ({cfg.path or src.hub_id}) has no rows")
+    return [apply_mode(r, cfg.mode) for r in rows]
+
+
+def apply_mode(row: dict, mode: str) -> dict:
+    """Response tuning empties every user turn and keeps all assistant turns; the other modes keep the row."""
+    if mode != "response":
+        return row
+    return {**row, "messages": [{**m, "content": ""} if m["role"] == "user" else m for m in row["messages"]]}
+
+
+def write_jsonl(rows: Iterable[dict], out: str | Path) -> Path:
+    """Rows as JSON Lines, byte-compatible with the authors' `json.dumps(record) + "\\n"` files."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- tokens and loss masks
+
+
+def render(messages: list[dict], tag_set: str, eos: str) -> str:
+    """The authors' `_concat_messages`: per-message text, not yet stripped."""
+    user, assistant = prompts.tags(tag_set)
+    tag = {"system": "<|system|>", "user": user, "assistant": assistant}
+    return "".join(tag[m["role"]] + "\n" + m["content"].strip() + (eos if m["role"] == "assistant" else "") + "\n"
+                   for m in messages)
+
+
+def encode(messages: list[dict], tokenizer, tag_set: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and a loss mask (True on response tokens and their EOS) for one conversation.
+
+    As in the authors' code, each non-assistant turn is masked from the token count of the text before it
+    to the token count of the text through it plus the next assistant tag, both tokenized on their own
+    (so BOS is counted exactly where the tokenizer adds one), and everything is truncated on the right.
+    """
+    count = lambda text: len(tokenizer(text, max_length=max_len, truncation=True)["input_ids"])  # noqa: E731
+    eos = tokenizer.eos_token
+    ids = np.asarray(tokenizer(render(messages, tag_set, eos).strip(), max_length=max_len, truncation=True)["input_ids"],
+                     np.int32)
+    loss = np.ones(len(ids), bool)
+    assistant_tag = prompts.tags(tag_set)[1]
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant":
+            continue
+        start = 0 if k == 0 else count(render(messages[:k], tag_set, eos))
+        before = render(messages[:k + 1], tag_set, eos)
+        followed = k + 1 < len(messages) and messages[k + 1]["role"] == "assistant"
+        end = count(before + assistant_tag + "\n" if followed else before)
+        loss[start:end] = False
+        if end >= max_len:
+            break
+    return ids, loss
+
+
+@dataclasses.dataclass
+class Examples:
+    """Tokenized examples; `loss[i][t]` says whether token t of example i is trained on."""
+
+    ids: list[np.ndarray]
+    loss: list[np.ndarray]
+    dropped: int  # examples with no loss token left after truncation
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(x) for x in self.ids], np.int64)
+
+
+def tokenize(rows: list[dict], tokenizer, tag_set: str, max_len: int, name: str = "") -> Examples:
+    ids, loss, dropped = [], [], 0
+    for row in rows:
+        i, m = encode(row["messages"], tokenizer, tag_set, max_len)
+        if m[1:].any():  # the first token is never a target
+            ids.append(i)
+            loss.append(m)
+        else:
+            dropped += 1
+    if not ids:
+        raise DataError(f"dataset {name!r}: none of its {len(rows)} examples keeps a response token after "
+                        f"truncation to {max_len} tokens")
+    return Examples(ids, loss, dropped)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def buckets(max_len: int, bucket_min: int) -> tuple[int, ...]:
+    """Padded lengths: doubling from `bucket_min`, capped by `max_len` (one compilation each)."""
+    out = [bucket_min]
+    while out[-1] < max_len:
+        out.append(out[-1] * 2)
+    return tuple(min(b, max_len) for b in out)
+
+
+def epoch_order(n: int, key: np.ndarray, epoch: int) -> np.ndarray:
+    """The example order of one epoch: a permutation fixed by the run's PRNG key and the epoch."""
+    return np.random.default_rng([*np.asarray(key, np.uint32).tolist(), epoch]).permutation(n)
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    return math.ceil(n / global_batch)
+
+
+def micro_batches(examples: Examples, indices: np.ndarray, micro: int, sizes: tuple[int, ...]) -> list[dict]:
+    """One global batch as fixed-shape micro-batches: sorted by length, each padded to its bucket.
+
+    Rows past the last example are all padding (mask False), so every micro-batch has `micro` rows.
+    Returns dicts of numpy arrays: tokens (micro, L) int32, mask (micro, L) bool, loss (micro, L) bool.
+    """
+    lengths = examples.lengths[indices]
+    ordered = indices[np.argsort(lengths, kind="stable")]
+    out = []
+    for lo in range(0, len(ordered), micro):
+        chunk = ordered[lo:lo + micro]
+        length = next(b for b in sizes if b >= examples.lengths[chunk].max())
+        batch = dict(tokens=np.zeros((micro, length), np.int32), mask=np.zeros((micro, length), bool),
+                     loss=np.zeros((micro, length), bool))
+        for r, i in enumerate(chunk):
+            n = len(examples.ids[i])
+            batch["tokens"][r, :n] = examples.ids[i]
+            batch["mask"][r, :n] = True
+            batch["loss"][r, :n] = examples.loss[i]
+        out.append(batch)
+    return out
