@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from jax_implicit import convert
 from jax_implicit import model as M
+from jax_implicit.prompts import generation_prompt
 
 WINDOW = 4  # shorter than the 12-token test rows: most positions lose keys to the window
 TINY_GEMMA = dict(
@@ -121,6 +122,16 @@ def gemma_tokenizer(gemma3_270m_dir):
 
 
 @pytest.fixture(scope="module")
+def gemma_hf(gemma3_270m_dir):
+    return AutoModelForCausalLM.from_pretrained(gemma3_270m_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def gemma_decoder(gemma3_270m_dir):
+    return convert.load_hf(gemma3_270m_dir)
+
+
+@pytest.fixture(scope="module")
 def long_prompt(shared, gemma_tokenizer) -> str:
     """A real LIMA conversation cut to 600 Gemma tokens: longer than the 512-token sliding window."""
     for line in (shared / "data" / "lima" / "lima_data.jsonl").read_text().splitlines():
@@ -131,18 +142,21 @@ def long_prompt(shared, gemma_tokenizer) -> str:
     raise AssertionError("no LIMA conversation reaches 600 Gemma tokens")
 
 
+SHORT_PROMPTS = [generation_prompt("What is the capital of France?"), "The quick brown fox",
+                 "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+
+
 @pytest.mark.slow
-def test_gemma3_270m_real_weights_parity(gemma3_270m_dir, gemma_tokenizer, long_prompt):
-    tok = gemma_tokenizer
-    assert M.from_hf_config(gemma3_270m_dir).sliding_window == 512
-    dec = convert.load_hf(gemma3_270m_dir)
-    short = ["<|user|>\nWhat is the capital of France?\n<|assistant|>\n", "The quick brown fox",
-             "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
-    for batch in (short, [long_prompt]):
-        enc = tok(batch, return_tensors="np", padding=True)
+def test_gemma3_270m_real_weights_parity(gemma_hf, gemma_decoder, gemma_tokenizer, long_prompt):
+    assert gemma_decoder.cfg.sliding_window == 512 and gemma_decoder.cfg.sliding_layers.count(False) == 3
+    for batch in (SHORT_PROMPTS, [long_prompt]):
+        enc = gemma_tokenizer(batch, return_tensors="np", padding=True)
         ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
-        ref = torch_logits(gemma3_270m_dir, ids, mask)
-        out = np.asarray(jax_logits(dec, ids, mask))
+        pos = M.positions_from_mask(jnp.asarray(mask))
+        with torch.no_grad():
+            ref = gemma_hf(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long(),
+                           position_ids=torch.tensor(np.asarray(pos)).long()).logits.numpy()
+        out = np.asarray(jax_logits(gemma_decoder, ids, mask))
         assert np.abs(out - ref)[mask].max() <= 1e-3
         assert (out.argmax(-1) == ref.argmax(-1))[mask].all()
     assert ids.shape[1] > 512  # the long prompt crossed the window
