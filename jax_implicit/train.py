@@ -1,0 +1,451 @@
+"""The paper's finetuning loop: masked cross-entropy, Adam with warmup and decay, gradient accumulation
+to an exact global batch, orbax checkpoints with exact resume, HF export at the end.
+
+Instruction, response and single-task tuning differ only in their data (`data.py`). One optimizer step
+is a run of jitted micro-steps, each adding one fixed-shape micro-batch's gradient into a float32
+accumulator, then one jitted update. Per-token loss weights are computed on the host from the whole
+global batch, so both reductions are exact however the batch is split:
+`example` (each example's mean token loss, averaged over examples: the authors' code) and `token`
+(the mean over every loss token of the global batch).
+
+    python -m jax_implicit.train --config=configs/train/smollm2_cpu.py --config.optim.lr=1e-4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from jax_implicit import checkpoint, config, convert, data
+from jax_implicit import model as M
+
+log = logging.getLogger("jax_implicit.train")
+REDUCTIONS = ("example", "token")
+SCHEDULES = ("cosine", "linear")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, reported before anything loads or compiles."""
+
+
+class TrainingError(RuntimeError):
+    """The run had to stop (non-finite loss); the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def optim_config(lr: float = 1e-5, schedule: str = "cosine", warmup_ratio: float = 0.1,
+                 clip_norm: float = 0.0) -> ConfigDict:
+    """Adam (weight decay 0). `schedule`: "cosine" (linear warmup over `warmup_ratio` of the steps, cosine to 0:
+    the paper) or "linear" (linear decay to 0: the authors' scripts, with warmup 0.03). `clip_norm` 0: off."""
+    return ConfigDict(dict(lr=lr, schedule=schedule, warmup_ratio=warmup_ratio, clip_norm=clip_norm,
+                           b1=0.9, b2=0.999, eps=1e-8))
+
+
+def train_config(epochs: int = 10, global_batch: int = 64, micro_batch: int = 8, reduction: str = "example",
+                 seed: int = 1, out_dir: str = "checkpoints/runs/default", checkpoint_every: int = 50,
+                 max_to_keep: int = 3, export_hf: bool = True) -> ConfigDict:
+    return ConfigDict(dict(epochs=epochs, global_batch=global_batch, micro_batch=micro_batch, reduction=reduction,
+                           seed=seed, out_dir=out_dir, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
+                           export_hf=export_hf))
+
+
+def default_config() -> ConfigDict:
+    """Every key a training config may hold (config files start from this and change values)."""
+    return ConfigDict(dict(model=config.model(), mesh=config.mesh(), data=data.data_config(),
+                           optim=optim_config(), train=train_config()))
+
+
+def _flat_keys(cfg: ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in cfg.items():
+        out.update(_flat_keys(v, f"{prefix}{k}.") if isinstance(v, ConfigDict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    close = close or [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    hint = f"; close matches: {', '.join(close)}" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def check_config(cfg: ConfigDict) -> None:
+    """Unknown or missing keys and impossible values, with the key named."""
+    known, given = _flat_keys(default_config()), _flat_keys(cfg)
+    for key in given:
+        if key not in known:
+            raise _unknown_key(key, sorted(known))
+    missing = sorted(set(known) - set(given))
+    if missing:
+        raise ConfigError(f"config lacks keys {missing} (start from train.default_config())")
+    t, o = cfg.train, cfg.optim
+    checks = [
+        (t.reduction in REDUCTIONS, f"train.reduction={t.reduction!r}; expected one of {REDUCTIONS}"),
+        (o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}; expected one of {SCHEDULES}"),
+        (o.lr > 0 and 0 <= o.warmup_ratio < 1, f"optim.lr={o.lr} must be > 0 and warmup_ratio={o.warmup_ratio} in [0, 1)"),
+        (t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1"),
+        (1 <= t.micro_batch <= t.global_batch,
+         f"train.micro_batch={t.micro_batch} must be in [1, global_batch={t.global_batch}]"),
+        (cfg.data.max_seq_length >= 2, f"data.max_seq_length={cfg.data.max_seq_length} must be >= 2"),
+        (1 <= cfg.data.bucket_min, f"data.bucket_min={cfg.data.bucket_min} must be >= 1"),
+        (cfg.model.param_dtype in M.DTYPES and cfg.model.dtype in M.DTYPES,
+         f"model dtypes {cfg.model.param_dtype!r}/{cfg.model.dtype!r}; expected {sorted(M.DTYPES)}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def lr_schedule(optim: ConfigDict, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """transformers' `get_scheduler` curves: warmup over int(ratio * steps) steps, then cosine or linear to 0."""
+    warmup = int(total_steps * optim.warmup_ratio)
+    decay = max(1, total_steps - warmup)
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        progress = (count - warmup) / decay
+        after = (0.5 * (1 + jnp.cos(jnp.pi * progress)) if optim.schedule == "cosine"
+                 else (total_steps - count) / decay)
+        factor = jnp.where(count < warmup, count / max(1, warmup), jnp.maximum(0.0, after))
+        return optim.lr * factor
+
+    return schedule
+
+
+def make_optimizer(optim: ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    adam = optax.adam(lr_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps)
+    return optax.chain(optax.clip_by_global_norm(optim.clip_norm), adam) if optim.clip_norm > 0 else adam
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def loss_sum(params: dict, graphdef: nnx.GraphDef, batch: dict) -> jax.Array:
+    """Sum over target tokens of weight * cross-entropy; token t is predicted from the logits at t - 1."""
+    model = nnx.merge(graphdef, params)
+    tokens, mask = batch["tokens"], batch["mask"]
+    logits, _ = model(tokens, M.positions_from_mask(mask), mask)
+    logits, targets = logits[:, :-1], tokens[:, 1:]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    return jnp.sum(nll * batch["weights"][:, 1:])
+
+
+def loss_weights(micro_batches: list[dict], reduction: str) -> list[np.ndarray]:
+    """Per-token weights for a whole global batch, so that the summed weighted loss is its exact mean."""
+    counts = [b["loss"][:, 1:].sum(axis=1) for b in micro_batches]  # loss tokens per row
+    if reduction == "token":
+        total = sum(int(c.sum()) for c in counts)
+        per_row = [np.full(len(c), 1.0 / total) for c in counts]
+    else:
+        examples = sum(int((c > 0).sum()) for c in counts)
+        per_row = [np.where(c > 0, 1.0 / (np.maximum(c, 1) * examples), 0.0) for c in counts]
+    out = []
+    for b, w in zip(micro_batches, per_row):
+        weights = b["loss"].astype(np.float32) * w[:, None].astype(np.float32)
+        weights[:, 0] = 0.0
+        out.append(weights)
+    return out
+
+
+def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int) -> dict:
+    """The train state: params, optimizer state and the PRNG key the data order derives from.
+    Params may be sharded (`convert.load_hf(sharding=...)`); the optimizer state follows them."""
+    return dict(params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
+
+
+def abstract_state(model_cfg: M.ModelConfig, optimizer: optax.GradientTransformation, seed: int,
+                   sharding: Callable[[jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None) -> Any:
+    """The train state's shapes, dtypes and shardings, without allocating it (the restore target)."""
+    params = nnx.to_pure_dict(nnx.state(M.abstract(model_cfg)))
+    shapes = jax.eval_shape(lambda p: init_state(p, optimizer, seed), params)
+    place = sharding or (lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place(s)), shapes)
+
+
+def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation) -> tuple[Callable, Callable]:
+    """The two jitted functions of an optimizer step; all arrays are arguments, buffers are donated.
+
+    micro_step(params, accum, batch) -> (accum + grad, loss): one micro-batch, float32 accumulator.
+    apply_step(state, accum) -> (state, zeroed accum): the Adam update.
+    """
+    def micro(params, accum, batch):
+        loss, grads = jax.value_and_grad(loss_sum)(params, graphdef, batch)
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), accum, grads), loss
+
+    def apply(state, accum):
+        params = state["params"]
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), accum, params)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state)
+        return state, jax.tree.map(jnp.zeros_like, accum)
+
+    return jax.jit(micro, donate_argnums=(1,)), jax.jit(apply, donate_argnums=(0, 1))
+
+
+def zeros_accum(params: dict) -> dict:
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32, device=p.sharding), params)
+
+
+def activation_bytes(cfg: M.ModelConfig, micro: int, length: int) -> int:
+    """Rough memory one micro-batch keeps for the backward pass (no rematerialization): per layer the
+    residual, normed inputs, q/k/v, attention output and MLP activations in the compute dtype plus
+    float32 attention scores and probabilities; float32 logits and their gradient."""
+    tokens, width = micro * length, np.dtype(M.DTYPES[cfg.dtype]).itemsize
+    qkv = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    per_layer = tokens * (3 * cfg.hidden_size + qkv + 3 * cfg.intermediate_size) * width
+    per_layer += 2 * micro * cfg.num_heads * length * length * 4
+    return cfg.num_layers * per_layer + 2 * tokens * cfg.vocab_size * 4
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class RunResult:
+    out_dir: Path
+    hf_dir: Path | None
+    metrics: Path
+    plot: Path
+    steps: int
+    final_loss: float
+    examples: int
+    dropped: int
+
+
+def _model_dir(path: str) -> Path:
+    if Path(path).is_dir():
+        return Path(path)
+    if path == config.SMOLLM2:
+        return convert.ensure_smollm2(Path(path).parent)
+    if Path(path).is_absolute() or path.startswith("."):
+        raise ConfigError(f"model.path {path!r} is not a folder")
+    from huggingface_hub import snapshot_download  # a hub id, when online
+
+    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _metrics_upto(path: Path, step: int) -> list[dict]:
+    """Metric lines of steps up to `step` (a killed run may have logged past its last checkpoint)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if row["step"] <= step:
+            rows.append(row)
+    return rows
+
+
+def plot_loss(rows: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def _resume_config(out: Path, cfg: ConfigDict) -> None:
+    saved = out / "config.json"
+    now = json.loads(cfg.to_json_best_effort())
+    if saved.is_file():
+        before = _flat_keys(ConfigDict(json.loads(saved.read_text())))
+        changed = sorted(k for k, v in _flat_keys(ConfigDict(now)).items()
+                         if before.get(k) != v and k != "train.out_dir")  # a run folder may be moved
+        if changed:
+            warnings.warn(f"{out} was started with a different config ({', '.join(changed)}): "
+                          "resuming it will not reproduce an uninterrupted run", stacklevel=3)
+    _atomic_write(saved, json.dumps(now, indent=2))
+
+
+def run(cfg: ConfigDict) -> RunResult:
+    """Train as `cfg` says, resuming from the newest checkpoint in `cfg.train.out_dir` if there is one."""
+    check_config(cfg)
+    t, d = cfg.train, cfg.data
+    rows = data.load_rows(d)
+    model_dir = _model_dir(cfg.model.path)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir)
+    examples = data.tokenize(rows, tokenizer, d.tag_set, d.max_seq_length, d.name)
+    n = len(examples.ids)
+    log.info("%s (%s mode): %d examples, %d dropped with no response token left after truncation to %d tokens",
+             d.name, d.mode, n, examples.dropped, d.max_seq_length)
+    model_cfg = M.from_hf_config(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    per_epoch = data.steps_per_epoch(n, t.global_batch)
+    total = per_epoch * t.epochs
+    optimizer = make_optimizer(cfg.optim, total)
+    sizes = data.buckets(d.max_seq_length, d.bucket_min)
+    log.info("%d steps (%d per epoch) of %d examples in micro-batches of %d; the longest micro-batch keeps ~%.2f GiB "
+             "of activations", total, per_epoch, t.global_batch, t.micro_batch,
+             activation_bytes(model_cfg, t.micro_batch, sizes[-1]) / 2**30)
+
+    out = Path(t.out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    _resume_config(out, cfg)
+    ckpts = checkpoint.Checkpoints(out / "checkpoints", t.checkpoint_every, t.max_to_keep)
+    graphdef = nnx.split(M.abstract(model_cfg))[0]
+    restored = ckpts.restore_latest(abstract_state(model_cfg, optimizer, t.seed))
+    if restored is None:
+        decoder = convert.load_hf(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+        state, meta = init_state(nnx.to_pure_dict(nnx.state(decoder)), optimizer, t.seed), dict(step=0, epoch=0, position=0)
+        del decoder
+    else:
+        state, meta = restored
+        log.info("resuming from step %d (epoch %d, batch %d) in %s", meta["step"], meta["epoch"], meta["position"], out)
+    micro_step, apply_step = build_steps(graphdef, optimizer)
+    schedule = lr_schedule(cfg.optim, total)
+    metrics_path = out / "metrics.jsonl"
+    rows_logged = _metrics_upto(metrics_path, meta["step"])
+    _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows_logged))
+    step, loss = meta["step"], rows_logged[-1]["loss"] if rows_logged else float("nan")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, desc=f"train {d.name}/{d.mode}", unit="step", dynamic_ncols=True)
+    accum = zeros_accum(state["params"])
+    key = np.asarray(state["rng"])
+    try:
+        with open(metrics_path, "a") as metrics_file:
+            for epoch in range(meta["epoch"], t.epochs):
+                order = data.epoch_order(n, key, epoch)
+                for position in range(meta["position"] if epoch == meta["epoch"] else 0, per_epoch):
+                    start = time.perf_counter()
+                    batch_ids = order[position * t.global_batch:(position + 1) * t.global_batch]
+                    micros = data.micro_batches(examples, batch_ids, t.micro_batch, sizes)
+                    losses = []
+                    for b, w in zip(micros, loss_weights(micros, t.reduction)):
+                        accum, part = micro_step(state["params"], accum, dict(tokens=b["tokens"], mask=b["mask"], weights=w))
+                        losses.append(part)
+                    loss = float(np.sum(np.asarray(jax.device_get(losses), np.float64)))
+                    if not math.isfinite(loss):
+                        raise TrainingError(
+                            f"non-finite loss ({loss}) at step {step + 1} (epoch {epoch}, batch {position}); stopped "
+                            f"without updating. Last good checkpoint: step {ckpts.latest_step()} in {ckpts.directory}")
+                    lr = float(schedule(step))
+                    state, accum = apply_step(state, accum)
+                    step += 1
+                    tokens = int(sum(b["mask"].sum() for b in micros))
+                    seconds = time.perf_counter() - start
+                    row = dict(step=step, epoch=epoch, loss=loss, lr=lr, tokens=tokens,
+                               loss_tokens=int(sum(b["loss"][:, 1:].sum() for b in micros)),
+                               seconds=round(seconds, 4), tokens_per_s=round(tokens / seconds, 1))
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                    rows_logged.append(row)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
+                    bar.update(1)
+                    last = position + 1 == per_epoch
+                    where = dict(step=step, epoch=epoch + last, position=0 if last else position + 1)
+                    ckpts.save(step, state, where, force=last)
+    finally:
+        bar.close()
+        ckpts.close()
+    hf_dir = None
+    if t.export_hf:
+        tok_dir = Path(cfg.model.tokenizer or model_dir)
+        if not tok_dir.is_dir():
+            tok_dir = Path(tokenizer.save_pretrained(out / "tokenizer")[0]).parent
+        hf_dir = convert.export_hf(nnx.merge(graphdef, state["params"]), out / "hf", tokenizer_dir=tok_dir)
+    plot = plot_loss(rows_logged, out / "loss.png")
+    return RunResult(out, hf_dir, metrics_path, plot, step, loss, n, examples.dropped)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _load_config_file(spec: str) -> ConfigDict:
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location("_train_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _check_overrides(argv: list[str]) -> None:
+    """`--config.a.b=v` keys that the config lacks, with close matches (ml_collections names only one)."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        raise ConfigError("give a config: --config=configs/train/<file>.py[:arguments]")
+    keys = sorted(_flat_keys(_load_config_file(spec)))
+    for a in argv:
+        if a.startswith("--config."):
+            key = a[len("--config."):].split("=", 1)[0]
+            if key not in keys:
+                raise _unknown_key(key, keys)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    from absl import flags
+
+    try:
+        _check_overrides(argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    return flags.FLAGS(argv)
+
+
+def main() -> None:
+    from absl import app
+    from ml_collections import config_flags
+
+    flag = config_flags.DEFINE_config_file("config", None, "a training config: configs/train/<file>.py[:arguments]")
+
+    def _main(argv):
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+        log.setLevel(logging.INFO)
+        try:
+            result = run(flag.value)
+        except (ConfigError, data.DataError, TrainingError) as e:
+            sys.exit(f"error: {e}")
+        print(json.dumps({k: str(v) for k, v in dataclasses.asdict(result).items()}, indent=2))
+
+    app.run(_main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    main()
