@@ -1,0 +1,20 @@
+"""Response-ranking capability (Table 2): `python -m jax_implicit.evaluate.ranking --config=configs/eval/ranking.py`."""
+
+from ml_collections import ConfigDict
+
+from jax_implicit import config
+
+
+def get_config() -> ConfigDict:
+    cfg = ConfigDict()
+    cfg.model = config.model()
+    cfg.data = "tatsu-lab/alpaca"  # a dataset id, or a local JSON/JSONL file of {instruction, input, output}
+    cfg.n = 1000  # the first n examples (the paper: 1000)
+    cfg.k = 5  # random other responses per example, drawn with replacement
+    cfg.seed = 0  # seed of that draw
+    cfg.tag_set = "user_assistant"
+    cfg.max_seq_length = 2048  # prompt + response + EOS are cut on the right here (and at the model context)
+    cfg.batch_tokens = 4096  # rows x padded length per forward pass (bounds the logits' memory)
+    cfg.run = ConfigDict(dict(results="results", base="", method="", seed=0))  # where ranking.json lands
+    cfg.out = ""  # an explicit ranking.json path instead of the results layout
+    return cfg

@@ -1,0 +1,34 @@
+"""The results folder that evaluation commands write and the table report reads.
+
+    <results>/<base>/<method>/seed<N>/
+        <eval_set>/<judge>/result.json    head-to-head summary (alpaca.py), next to alpaca_eval's own
+                                          leaderboard.csv, annotations.json and the judge's config
+        ranking.json                      response-ranking capability (ranking.py)
+
+`base` names the base model (e.g. `llama2-7b`, `olmo-7b`, `smollm2-135m`), `method` the tuning or
+decoding variant (`base`, `instruction`, `response`, `single_task_gsm8k`, `rules`, `rules_no_eos`,
+...), `eval_set` is `alpaca_eval` (805 instructions) or `val` (the paper's 56), and `judge` is
+`weighted_alpaca_eval_gpt4_turbo` or `local-<judge model folder>`. Training sweeps only need to
+pass `--config.run.base/method/seed` to the evaluation commands for their results to land here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULT = "result.json"
+RANKING = "ranking.json"
+
+
+def seed_dir(results: str | Path, base: str, method: str, seed: int) -> Path:
+    for name, value in (("base", base), ("method", method)):
+        if not value or "/" in value:
+            raise ValueError(f"run.{name}={value!r}: give a non-empty folder name (or an explicit out path)")
+    return Path(results) / base / method / f"seed{seed}"
+
+
+def out_path(cfg, *parts: str) -> Path:
+    """`cfg.out` if set, else the run's seed folder joined with `parts`."""
+    if cfg.out:
+        return Path(cfg.out)
+    return seed_dir(cfg.run.results, cfg.run.base, cfg.run.method, cfg.run.seed).joinpath(*parts)

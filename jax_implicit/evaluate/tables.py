@@ -1,0 +1,103 @@
+"""The paper's tables from a results folder (see `layout`): mean ± standard deviation over seeds,
+rows of tuning methods, columns of base models, missing cells marked.
+
+    python -m jax_implicit.evaluate.tables --config=configs/eval/tables.py --config.results=results
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jax_implicit.evaluate import layout, records
+
+MISSING = "–"
+RAW = "†"
+
+
+def seed_results(results: Path, base: str, method: str, file: str) -> list[dict]:
+    """Every seed's JSON result for one cell, in seed order."""
+    folder = results / base / method
+    seeds = sorted(folder.glob("seed*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
+    return [json.loads((s / file).read_text()) for s in seeds if (s / file).is_file()]
+
+
+def aggregate(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single seed)."""
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def cell(rows: list[dict], kind: str, seeds: int) -> tuple[str, set[str]]:
+    """The formatted cell and its footnote markers."""
+    if not rows:
+        return MISSING, {MISSING}
+    notes = set()
+    if kind == "ranking":
+        values = [100 * r["fraction"] for r in rows]
+    elif all(r.get("length_controlled_winrate") is not None for r in rows):
+        values = [r["length_controlled_winrate"] for r in rows]
+    else:
+        values, notes = [r["win_rate"] for r in rows], {RAW}
+    mean, std = aggregate(values)
+    text = f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+    if len(values) < seeds:
+        text += f" ({len(values)}/{seeds} seeds)"
+    return text + "".join(sorted(notes)), notes
+
+
+def table(cfg, spec) -> tuple[str, set[str], set[str]]:
+    """One markdown table, the footnote markers it used and the judges behind its cells."""
+    results = Path(cfg.results)
+    file = layout.RANKING if spec.kind == "ranking" else str(Path(cfg.eval_set) / cfg.judge / layout.RESULT)
+    lines = [f"### {spec.title}", "", "| | " + " | ".join(label for label, _ in cfg.columns) + " |",
+             "|---|" + "---|" * len(cfg.columns)]
+    notes, judges = set(), set()
+    for row_label, method in spec.rows:
+        cells = []
+        for _, base in cfg.columns:
+            rows = seed_results(results, base, method, file)
+            text, marks = cell(rows, spec.kind, cfg.seeds)
+            cells.append(text)
+            notes |= marks
+            judges |= {r["judge"] for r in rows if "judge" in r}
+        lines.append(f"| {row_label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), notes, judges
+
+
+def report(cfg) -> str:
+    for name, spec in cfg.tables.items():
+        if spec.kind not in ("head_to_head", "ranking"):
+            raise ValueError(f"tables.{name}.kind={spec.kind!r}; expected 'head_to_head' or 'ranking'")
+    if not Path(cfg.results).is_dir():
+        raise FileNotFoundError(f"results folder {cfg.results} does not exist")
+    parts, notes, judges = [], set(), set()
+    for _, spec in cfg.tables.items():
+        text, marks, used = table(cfg, spec)
+        parts.append(text)
+        notes |= marks
+        judges |= used
+    foot = [f"Head-to-head cells: {cfg.eval_set} win rate (%) against the instruction-tuned model of the same base, "
+            f"mean ± standard deviation over seeds; judge folder `{cfg.judge}`."]
+    foot += [f"Judge: {j}." for j in sorted(judges)]
+    if RAW in notes:
+        foot.append(f"{RAW} raw win rate: the length-controlled one is missing for at least one seed "
+                    "(its result.json says why).")
+    if MISSING in notes:
+        foot.append(f"{MISSING} no results for this cell under {cfg.results}/<base>/<method>/seed*/.")
+    return "\n\n".join(parts) + "\n\n" + "\n".join(f"- {f}" for f in foot) + "\n"
+
+
+def run(cfg) -> str:
+    text = report(cfg)
+    records.write_atomic(Path(cfg.out or Path(cfg.results) / "tables.md"), text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    from jax_implicit.evaluate import cli
+
+    cli.main(run, "configs/eval/tables.py")
