@@ -1,0 +1,59 @@
+# Shared by the launch scripts (sourced, not run): argument parsing, shell quoting and --dry-run.
+#
+# Every script takes its own --key=value options, --dry-run, --skip-setup, and the train command's
+# own arguments (--config=configs/train/... first, then any --config.a.b=v overrides), which are
+# passed through unchanged.
+
+set -euo pipefail
+
+DRY_RUN=0
+SKIP_SETUP=0
+TRAIN_ARGS=()
+declare -A OPTS=()
+PYTHON=.venv/bin/python
+
+die() { echo "$(basename "$0"): $*" >&2; exit 2; }
+
+# quote ARGS...: one shell-safe line (single quotes where needed), readable by sh and by Python's shlex.
+quote() {
+  local out=() a
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  printf '%s' "${out[*]}"
+}
+
+# run ARGS...: print the command (dry run) or run it.
+run() { if (( DRY_RUN )); then quote "$@"; echo; else "$@"; fi; }
+
+# parse_args ALLOWED_KEYS... -- "$@": fills OPTS, TRAIN_ARGS, DRY_RUN, SKIP_SETUP.
+parse_args() {
+  local allowed=() a
+  while [[ $1 != -- ]]; do allowed+=("$1"); shift; done
+  shift
+  for a in "$@"; do
+    case $a in
+      --dry-run) DRY_RUN=1 ;;
+      --skip-setup) SKIP_SETUP=1 ;;
+      --config=* | --config.*=*) TRAIN_ARGS+=("$a") ;;
+      --*=*)
+        local key=${a%%=*}; key=${key#--}
+        [[ " ${allowed[*]} " == *" $key "* ]] || die "unknown option --$key (known: ${allowed[*]/#/--}, --dry-run, --skip-setup, --config=...)"
+        OPTS[$key]=${a#*=} ;;
+      *) die "unexpected argument '$a': options are --key=value; train arguments start with --config" ;;
+    esac
+  done
+  [[ ${#TRAIN_ARGS[@]} -gt 0 && ${TRAIN_ARGS[0]} == --config=* ]] \
+    || die "the first train argument must be --config=configs/train/... (got: ${TRAIN_ARGS[*]:-nothing})"
+}
+
+# require KEY...: options without a default.
+require() { local k; for k in "$@"; do [[ -n ${OPTS[$k]:-} ]] || die "--$k=... is required"; done; }
+
+# The train command every script ends with.
+train_command() { printf '%s' "$(quote "$PYTHON" -m jax_implicit.train "${TRAIN_ARGS[@]}")"; }
+
+# The set-up commands a fresh machine needs (EXTRA: the JAX build for its accelerator).
+setup_command() {
+  printf '%s' "python3 -m venv .venv && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e . $(quote "$1")"
+}
