@@ -1,0 +1,72 @@
+"""Prefill throughput: this model vs transformers on SmolLM2-135M, same prompts, one process.
+
+    .venv/bin/python benchmarks/forward.py [--batch 8] [--seq 256] [--repeats 5]
+
+Prints tokens/s for both and the ratio. Timings are medians over repeats after a warm-up (the JAX
+warm-up includes compilation, which is reported separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from jax_implicit import convert
+from jax_implicit import model as M
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--checkpoints", default="checkpoints")
+    args = ap.parse_args()
+
+    path = convert.ensure_smollm2(args.checkpoints)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 49152, (args.batch, args.seq)).astype(np.int32)
+    mask = np.ones_like(ids, bool)
+    tokens = ids.size
+
+    decoder = convert.load_hf(path)
+    forward = jax.jit(lambda d, t, m: d(t, M.positions_from_mask(m), m)[0])
+    jt, jm = jnp.asarray(ids), jnp.asarray(mask)
+    start = time.perf_counter()
+    forward(decoder, jt, jm).block_until_ready()
+    compile_s = time.perf_counter() - start
+    jax_s = median_seconds(lambda: forward(decoder, jt, jm).block_until_ready(), args.repeats)
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tt = torch.tensor(ids, dtype=torch.long)
+    with torch.inference_mode():
+        hf(input_ids=tt)
+        torch_s = median_seconds(lambda: hf(input_ids=tt), args.repeats)
+
+    print(f"SmolLM2-135M float32 prefill, batch {args.batch} x {args.seq} tokens, {os.cpu_count()} CPU cores, "
+          f"jax {jax.__version__}, torch {torch.__version__}")
+    print(f"  jax_implicit : {tokens / jax_s:10.0f} tokens/s  (first call incl. compile {compile_s:.1f} s)")
+    print(f"  transformers : {tokens / torch_s:10.0f} tokens/s")
+    print(f"  ratio        : {torch_s / jax_s:10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
