@@ -10,8 +10,10 @@ The mesh has three axes, outermost first: `data` (replicas; may cross slow host 
 `tensor` (heads/mlp/vocab split; the chattiest axis, so it is innermost, on the fastest links).
 Axis types are `AxisType.Auto`: the model's einsums carry no sharding annotations, so XLA
 propagates shardings from the jit's `in_shardings`/`out_shardings` (and `constrain`). `Explicit`
-axes (the `jax.make_mesh` default) would make shardings part of every op's type and reject
-contractions over a sharded dimension (FSDP's `embed`) without per-op `out_sharding`s.
+axes (the `jax.make_mesh` default) make shardings part of every op's type, and our ops then fail
+to trace: the embedding lookup of fsdp-split rows in an fsdp-split table gives a spec that names
+`fsdp` twice (DuplicateSpecError), and einsums whose contracted dimension is split on both sides
+raise ShardingTypeError until each is given an `out_sharding` (checked with jax 0.10).
 
 Fallback (documented behaviour, never a wrong result): when a dimension's size is not divisible
 by the product of the mesh axes its rule names, the longest prefix of those axes that divides it
@@ -19,15 +21,19 @@ is used, down to none (replicated along that dimension), and a warning names the
 E.g. SmolLM2's 3 KV heads on tensor=2 are replicated over `tensor` while its 1536-wide MLP and
 its vocabulary are still split. A mesh axis is used at most once per array (first dimension wins).
 
-Typical use (train/decode):
+Typical use (train/decode; tests/test_sharding.py `compiled` does exactly this):
 
-    sh = Sharder.from_config(config.mesh)
-    decoder = sh.load_hf(path)                       # read straight into shards
+    sh = Sharder.from_config(cfg.mesh)
+    decoder = sh.load_hf(path, param_dtype=..., dtype=...)  # read straight into shards, activations pinned
     graphdef, params = nnx.split(decoder)
     axes = model.logical_axes(decoder)
-    p_sh = sh.tree(params, axes)                     # also works on optax state (mirrors params)
-    opt_state = jax.jit(tx.init, out_shardings=sh.tree(jax.eval_shape(tx.init, params), axes))(params)
-    step = jax.jit(step_fn, in_shardings=(p_sh, o_sh, sh.batch(batch)), out_shardings=..., donate_argnums=(0, 1))
+    p_sh = sh.tree(params, axes)                            # params, grads, accumulators
+    o_sh = sh.tree(jax.eval_shape(tx.init, params), axes)   # optax state mirrors the params
+    opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
+    step = jax.jit(step_fn, in_shardings=(p_sh, o_sh, sh.batch(batch)), out_shardings=(p_sh, o_sh, sh.replicated),
+                   donate_argnums=(0, 1))
+    batch = sh.global_batch(rows_of_this_process, global_rows)  # rows: distributed.local_rows(sh.rows(shape), shape)
+    cache = sh.put(cache, sh.cache(cache))                  # KV cache: rows like the batch, KV heads like params
 """
 
 from __future__ import annotations
