@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
+from test_model import padded_batch
 
 from jax_implicit import convert
 from jax_implicit import model as M
@@ -34,14 +35,8 @@ def sharder(shape, rules="fsdp_tp") -> Sharder:
     return Sharder.from_config(dict(data=shape[0], fsdp=shape[1], tensor=shape[2], rules=rules))
 
 
-def left_padded(vocab, lengths=LENGTHS, seed=0):
-    rng = np.random.default_rng(seed)
-    width = max(lengths)
-    ids = np.full((len(lengths), width), 2, np.int32)
-    mask = np.zeros_like(ids, bool)
-    for r, n in enumerate(lengths):
-        ids[r, width - n:] = rng.integers(3, vocab, n)
-        mask[r, width - n:] = True
+def left_padded(vocab, lengths=LENGTHS, seed=0) -> dict:
+    ids, mask = padded_batch(vocab, lengths, seed)
     return {"ids": ids, "mask": mask}
 
 
