@@ -148,7 +148,8 @@ def load_hf(path: str | Path, *, param_dtype: str = "float32", dtype: str = "flo
             sharding: Callable[[tuple[str, ...]], Sharding] | None = None) -> M.Decoder:
     """An HF model folder as a `Decoder`, parameters placed by `sharding(logical_axes)` if given.
 
-    Peak host memory stays near one copy of the model: HF tensors are read one (layer) at a time.
+    Peak host memory stays near one copy of the model plus one parameter: HF tensors are read one
+    (layer) at a time, once each, and dropped when their parameter is placed.
     """
     path = Path(path)
     if not path.is_dir():
@@ -167,11 +168,17 @@ def load_hf(path: str | Path, *, param_dtype: str = "float32", dtype: str = "flo
         shape = _get(nnx.to_pure_dict(state), p).shape
         stacked = "{i}" in template
 
-        def fetch(index, names=names, to_ours=to_ours, stacked=stacked):
+        read: dict[int, np.ndarray] = {}  # each HF tensor is read once, however many local shards need it
+
+        def tensor(i: int, names=names, to_ours=to_ours, read=read) -> np.ndarray:
+            if i not in read:
+                read[i] = np.asarray(to_ours(reader.read(names[i])), dtype=target)
+            return read[i]
+
+        def fetch(index, stacked=stacked, tensor=tensor, n=len(names)):
             if not stacked:
-                return np.asarray(to_ours(reader.read(names[0]))[index], dtype=target)
-            layers = range(len(names))[index[0]]
-            return np.stack([np.asarray(to_ours(reader.read(names[i]))[index[1:]], dtype=target) for i in layers])
+                return tensor(0)[index]
+            return np.stack([tensor(i)[index[1:]] for i in range(n)[index[0]]])
 
         shard = sharding(_get(axes, p)) if sharding else default
         _set(params, p, jax.make_array_from_callback(shape, shard, fetch))
