@@ -108,7 +108,7 @@ def test_gpt4_judge_path_offline(shared, tmp_path, monkeypatch):
     assert result["win_rate"] == pytest.approx(100 * (300 * p + 505 * 0.5) / 805, abs=1e-6)
     assert result["judge_kind"] == "gpt4" and result["comparable_with_gpt4"] and result["n"] == 805
     assert result["length_controlled_winrate"] is None and "df_gamed.csv" in result["lc_missing_reason"]
-    assert (tmp_path / "h2h" / "annotations_cache.json").is_file()
+    assert (tmp_path / "h2h.gpt4_annotations_cache.json").is_file()  # paid annotations outlive a failed run
 
 
 def test_bad_input_clear_errors_and_no_results(tiny_smol_dir, pair_files, tmp_path, monkeypatch):
@@ -133,8 +133,16 @@ def test_bad_input_clear_errors_and_no_results(tiny_smol_dir, pair_files, tmp_pa
     with pytest.raises(RuntimeError, match="needs an OpenAI API key: set OPENAI_API_KEY"):
         alpaca.run(cfg)
     assert not results.exists()
-    cfg.judge.kind, cfg.judge.model.path = "local", str(tmp_path / "no_model")
+    cfg.judge.kind = "local"
+    long = json.loads(open(outputs).read())
+    long[2]["output"] = "word " * 400  # the judge's prompt no longer fits the tiny model's context
+    cfg.outputs = write(tmp_path / "long.json", long)
+    with pytest.raises(ValueError, match=r"prompt \d+ is \d+ tokens, longer than the model's context of 256"):
+        alpaca.run(cfg)  # fails inside alpaca_eval's annotation: the half-made result folder is removed
+    assert not [p for p in results.rglob("*") if p.is_file() or p.name.startswith(".")]  # only empty parent folders
+    cfg.judge.model.path = str(tmp_path / "no_model")
     with pytest.raises(FileNotFoundError, match="no_model"):
         alpaca.run(cfg)
-    assert not results.exists()
+    assert not [p for p in results.rglob("*") if p.is_file()]
     assert alpaca.judge_kind("auto") == "local"
+

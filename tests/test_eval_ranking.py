@@ -55,7 +55,7 @@ def test_pairings_are_seeded():
     assert a.min() >= 0 and a.max() < 50 and not np.any(a == np.arange(50)[:, None])
 
 
-def test_run_writes_same_number_for_same_seed(tiny_smol_dir, shared, tmp_path):
+def test_run_same_number_for_same_seed_and_on_a_mesh(tiny_smol_dir, shared, tmp_path):
     cfg = ranking_config.get_config()
     cfg.model.path = str(tiny_smol_dir)
     cfg.data = str(shared / "data" / "dolly" / "dolly_train.json")
@@ -64,6 +64,10 @@ def test_run_writes_same_number_for_same_seed(tiny_smol_dir, shared, tmp_path):
     first = ranking.run(cfg)
     written = json.loads((tmp_path / "tiny" / "base" / "seed0" / "ranking.json").read_text())
     assert written["fraction"] == first["fraction"] == ranking.run(cfg)["fraction"]
+    cfg.sharded, cfg.mesh.fsdp = True, 2  # 8 simulated devices: batch rows over data x fsdp, weights over fsdp
+    sharded = ranking.run(cfg)
+    np.testing.assert_allclose(sharded["real"] + sum(sharded["random"], []), first["real"] + sum(first["random"], []),
+                               rtol=1e-5)
 
 
 def test_bad_ranking_data(tmp_path):

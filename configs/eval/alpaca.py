@@ -15,6 +15,8 @@ def get_config() -> ConfigDict:
     cfg.judge = ConfigDict(dict(
         kind="auto",  # "gpt4" (weighted_alpaca_eval_gpt4_turbo, needs OPENAI_API_KEY), "local", or "auto"
         model=config.model(),  # the local judge's HF folder
+        sharded=False,  # True: place the judge model on `mesh` (large judges on TPU/GPU hosts)
+        mesh=config.mesh(),
         prompt_template="",  # "": the GPT-4 judge's own prompt (answers "m" / "M")
         answers=("m", "M"),  # the tokens meaning "output_1 is better" / "output_2 is better" in that prompt
         batch_tokens=4096,  # rows x padded length per forward pass of the local judge

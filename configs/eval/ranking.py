@@ -8,6 +8,8 @@ from jax_implicit import config
 def get_config() -> ConfigDict:
     cfg = ConfigDict()
     cfg.model = config.model()
+    cfg.sharded = False  # True: place the model on the device mesh below (e.g. Llama-2-7B on a TPU slice)
+    cfg.mesh = config.mesh()
     cfg.data = "tatsu-lab/alpaca"  # a dataset id, or a local JSON/JSONL file of {instruction, input, output}
     cfg.n = 1000  # the first n examples (the paper: 1000)
     cfg.k = 5  # random other responses per example, drawn with replacement

@@ -87,42 +87,50 @@ def summarize(folder: Path, name: str) -> dict:
                 mean_preference=sum(a["preference"] for a in annotations) / len(annotations))
 
 
+def _local_judge(cfg):
+    from jax_implicit.evaluate import judge, scoring
+
+    template = judge.template_path(cfg.judge.prompt_template)
+    decoder, tokenizer = scoring.load(cfg.judge.model, cfg.judge.mesh if cfg.judge.sharded else None)
+    local = judge.LocalJudge(decoder, tokenizer, name=Path(cfg.judge.model.path).name,
+                             answers=tuple(cfg.judge.answers), batch_tokens=cfg.judge.batch_tokens)
+    return lambda tmp: dict(annotators_config=str(judge.write_config(tmp / "judge", local, template)),
+                            Annotator=judge.LocalPairwiseAnnotator, fn_completions=local,
+                            caching_path=tmp / "annotations_cache.json")
+
+
+def _gpt4_judge(out: Path):
+    """GPT-4 annotations are paid for: their cache sits beside the result folder and survives a failed run."""
+    from alpaca_eval import constants
+
+    return lambda tmp: dict(annotators_config=str(Path(constants.EVALUATORS_CONFIG_DIR) / GPT4),
+                            caching_path=out.with_name(f"{out.name}.gpt4_annotations_cache.json"))
+
+
 def run(cfg) -> dict:
     kind = judge_kind(cfg.judge.kind)
+    if cfg.max_instances < 0:
+        raise ValueError(f"max_instances={cfg.max_instances}; use 0 for all instructions")
     outputs = records.read_rows(cfg.outputs, ("instruction", "output"), "outputs file")
     references = records.read_rows(cfg.references, ("instruction", "output"), "references file")
     records.check_same_instructions(outputs, references, cfg.outputs, cfg.references)
-    if cfg.max_instances < 0:
-        raise ValueError(f"max_instances={cfg.max_instances}; use 0 for all instructions")
     by_instruction = {r["instruction"]: r for r in references}
     references = [by_instruction[r["instruction"]] for r in outputs]  # same order: max_instances takes the same rows
     name = cfg.name or outputs[0].get("generator") or Path(cfg.outputs).stem
     slug, judge_label = judge_names(cfg, kind)
-    out = layout.out_path(cfg, cfg.eval_set, slug)
+    out = layout.out_path(cfg, cfg.eval_set, slug).absolute()
     lc_reason = lc_missing_reason(kind, min(len(outputs), cfg.max_instances or len(outputs)))
-    if kind == "local":
-        from jax_implicit.evaluate import judge, scoring
-
-        template = judge.template_path(cfg.judge.prompt_template)
-        decoder, tokenizer = scoring.load(cfg.judge.model)
-        local = judge.LocalJudge(decoder, tokenizer, name=Path(cfg.judge.model.path).name,
-                                 answers=tuple(cfg.judge.answers), batch_tokens=cfg.judge.batch_tokens)
+    judge_kwargs = _local_judge(cfg) if kind == "local" else _gpt4_judge(out)
     import alpaca_eval.main
-    from alpaca_eval import constants
 
     with convert.atomic_dir(out) as tmp:
-        if kind == "local":
-            judge_kwargs = dict(annotators_config=str(judge.write_config(tmp / "judge", local, template)),
-                                Annotator=judge.LocalPairwiseAnnotator, fn_completions=local)
-        else:
-            judge_kwargs = dict(annotators_config=str(Path(constants.EVALUATORS_CONFIG_DIR) / GPT4))
         alpaca_eval.main.evaluate(
             model_outputs=pd.DataFrame(outputs).assign(generator=name), reference_outputs=pd.DataFrame(references),
             output_path=tmp, precomputed_leaderboard=None, is_return_instead_of_print=True,
             fn_metric="get_winrate" if lc_reason else "get_length_controlled_winrate",
             sort_by="win_rate" if lc_reason else "length_controlled_winrate",
             metric_kwargs=None if lc_reason else {"save_weights_dir": None},
-            max_instances=cfg.max_instances or None, caching_path=tmp / "annotations_cache.json", **judge_kwargs)
+            max_instances=cfg.max_instances or None, **judge_kwargs(tmp))
         result = summarize(tmp, name)
         result.update(judge=judge_label, judge_kind=kind, comparable_with_gpt4=kind == "gpt4",
                       eval_set=cfg.eval_set, lc_missing_reason=lc_reason,

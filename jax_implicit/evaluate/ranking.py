@@ -89,7 +89,7 @@ def run(cfg) -> dict:
     prompts.tags(cfg.tag_set)
     out = layout.out_path(cfg, layout.RANKING)
     rows = load_examples(cfg.data, cfg.n)
-    decoder, tokenizer = scoring.load(cfg.model)
+    decoder, tokenizer = scoring.load(cfg.model, cfg.mesh if cfg.sharded else None)
     result = rank(decoder, tokenizer, rows, k=cfg.k, seed=cfg.seed, tag_set=cfg.tag_set,
                   max_seq_length=cfg.max_seq_length, batch_tokens=cfg.batch_tokens)
     result.update(model=str(cfg.model.path), data=str(cfg.data))

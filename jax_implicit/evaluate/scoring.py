@@ -22,16 +22,21 @@ from jax_implicit import model as M
 MIN_BUCKET = 32
 
 
-def load(model_cfg) -> tuple[M.Decoder, object]:
-    """The decoder and tokenizer named by a `config.model()` section."""
+def load(model_cfg, mesh_cfg=None) -> tuple[M.Decoder, object]:
+    """The decoder and tokenizer named by a `config.model()` section; with a `config.mesh()` section the
+    parameters are read straight into their shards on that mesh (large models on TPU/GPU hosts)."""
     from transformers import AutoTokenizer
 
     path = Path(model_cfg.path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path={str(path)!r} is not an HF model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path)
-    decoder = convert.load_hf(path, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype)
-    return decoder, tokenizer
+    kw = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype)
+    if mesh_cfg is None:
+        return convert.load_hf(path, **kw), tokenizer
+    from jax_implicit.sharding import Sharder
+
+    return Sharder.from_config(mesh_cfg).load_hf(path, **kw), tokenizer
 
 
 def bucket_length(n: int) -> int:
