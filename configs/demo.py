@@ -1,0 +1,35 @@
+"""`make demo`: the paper's pipeline end to end on a real model, sized for a 2-core CPU.
+
+    python -m jax_implicit.demo --config=configs/demo.py                # SmolLM2-135M-Instruct
+    python -m jax_implicit.demo --config=configs/demo.py:gemma          # Gemma-3-270M base
+    python -m jax_implicit.demo --config.data_dir=/path/to/data         # offline data folder
+
+Sizes are chosen so the whole job takes minutes on 2 CPU cores; the paper's settings are in
+configs/train/paper.py and configs/generate.py.
+"""
+
+from ml_collections import ConfigDict
+
+from jax_implicit import config
+
+MODELS = {"smollm2": config.SMOLLM2, "gemma": "checkpoints/gemma-3-270m"}
+
+
+def get_config(model: str = "smollm2") -> ConfigDict:
+    if model not in MODELS:
+        raise ValueError(f"unknown demo model {model!r}; expected one of {sorted(MODELS)}")
+    c = ConfigDict()
+    c.model = config.model(path=MODELS[model])
+    # The judge must follow instructions itself, so it stays the instruction-tuned SmolLM2 whatever is tested.
+    c.judge_model = config.model(path=config.SMOLLM2)
+    # Data: "" tries $JAX_IMPLICIT_DATA, then ../shared/data, then the public dataset ids (online).
+    c.data_dir = ""
+    c.instructions = 56  # the paper's validation set has 56
+    c.max_new_tokens = 128
+    c.side_by_side = 4  # instructions shown in full in the report
+    c.tune = ConfigDict(dict(examples=96, max_seq_length=128, epochs=1, global_batch=16, micro_batch=8, lr=5e-5))
+    c.ranking = ConfigDict(dict(examples=48, k=5, seed=0))
+    c.judged = 16  # instructions per head-to-head (both output orders each)
+    c.work = "checkpoints/demo"  # model outputs, the tuning run and its HF export
+    c.report = "reports/demo"
+    return c

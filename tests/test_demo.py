@@ -1,0 +1,57 @@
+"""The main job on a tiny configuration, through the same code path as `make demo`."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jax_implicit import demo, demo_report, io
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_long_context(tiny_smol_dir, tmp_path_factory) -> Path:
+    """The tiny SmolLM2-vocabulary model with a context long enough for the judge's prompt (RoPE has no
+    learned positions, so only the declared limit changes)."""
+    path = shutil.copytree(tiny_smol_dir, tmp_path_factory.mktemp("tiny") / "model")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 2048}))
+    return path
+
+
+def tiny_config(model: Path, tmp_path: Path):
+    cfg = io.load_config_file(ROOT / "configs" / "demo.py")
+    cfg.model.path = cfg.judge_model.path = str(model)
+    cfg.update(instructions=3, max_new_tokens=8, side_by_side=2, judged=3,
+               work=str(tmp_path / "work"), report=str(tmp_path / "report"))
+    cfg.tune.update(examples=8, max_seq_length=64, global_batch=4, micro_batch=4)
+    cfg.ranking.update(examples=4, k=2)
+    return cfg
+
+
+def test_demo_writes_every_report_file(tiny_long_context, shared, tmp_path, capsys):
+    report = demo.run(tiny_config(tiny_long_context, tmp_path))
+    for name in demo_report.FILES:
+        assert (report / name).stat().st_size > 0, name
+    results = json.loads((report / "results.json").read_text())
+    assert set(results["variants"]) == set(demo.VARIANTS)
+    for name in ("base+rules", "response-tuned"):
+        assert 0.0 <= results["variants"][name]["win_rate_vs_base"] <= 100.0
+        assert results["variants"][name]["n_judged"] == 3
+    for name in ("base", "response-tuned"):
+        assert 0.0 <= results["variants"][name]["ranking"] <= 1.0
+    assert results["tuning"]["steps"] == 2 and results["tuning"]["examples"] == 8
+    assert results["export_max_abs_logit_diff"] < 1e-3
+    assert "not comparable" in (report / "summary.md").read_text()
+    assert (report / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    side = (report / "side_by_side.md").read_text()
+    assert side.count("**base+rules**") == 2
+    assert "win rate vs base" in capsys.readouterr().out
+    assert str(shared / "data") in results["data"]
+
+
+def test_missing_data_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        demo.data_sources(str(tmp_path / "nowhere"))
