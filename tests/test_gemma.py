@@ -94,6 +94,18 @@ def test_gemma_parameters_declare_logical_axes():
     assert "lm_head" not in M.logical_axes(M.abstract(cfg))  # tied
 
 
+def test_tiny_gemma_sharded_fsdp_tp_equals_one_device(tiny_gemma):
+    """The new parameters' logical axes place them on a mesh (tensor=4 splits heads, MLP, vocabulary)."""
+    from jax_implicit.sharding import Sharder
+
+    sharded = Sharder.from_config(dict(data=1, fsdp=2, tensor=4, rules="fsdp_tp")).load_hf(tiny_gemma)
+    assert sharded.layers.q_norm[...].sharding.is_fully_replicated  # head_dim and norm stay whole
+    assert not sharded.layers.w_gate[...].sharding.is_fully_replicated
+    ids, mask = padded_batch(256)
+    np.testing.assert_allclose(np.asarray(jax_logits(sharded, ids, mask)),
+                               np.asarray(jax_logits(convert.load_hf(tiny_gemma), ids, mask)), atol=1e-5)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gemma3", "text_config": {}}, "'gemma3' is the multimodal Gemma 3 checkpoint"),
     ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
