@@ -332,16 +332,18 @@ class Decoder(nnx.Module):
         tables = [rope_tables(positions, cfg.head_dim, theta, dt) for theta in cfg.rope_bases]
         cos, sin = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])  # (bases, B, T, Dh)
 
-        def layer(x, xs):
-            w, kv, sliding = xs  # sliding: this layer's flag, scanned with its weights
+        def layer(carry, xs):
+            x, kv = carry  # the whole cache rides in the carry, so XLA updates it in place (no copy per step)
+            w, sliding, i = xs  # sliding: this layer's flag, scanned with its weights
             rope = sliding.astype(jnp.int32) * (len(tables) - 1)  # the local base if there is one
             x, kv = _block(cfg, w, x, cos[rope], sin[rope], jnp.where(sliding, attend & near, attend), kv,
-                           None if cache is None else cache.index)
-            return pin(x, ("batch", "seq", None)), kv
+                           None if cache is None else (i, cache.index))
+            return (pin(x, ("batch", "seq", None)), kv), None
 
         kv_in = None if cache is None else (cache.k, cache.v)
         sliding = jnp.asarray(cfg.sliding_layers)
-        x, kv_out = jax.lax.scan(layer, x, (self.layers.weights(), kv_in, sliding))
+        layers = (self.layers.weights(), sliding, jnp.arange(cfg.num_layers))
+        (x, kv_out), _ = jax.lax.scan(layer, (x, kv_in), layers)
         x = _norm(cfg, x, self.final_norm[...] if cfg.norm != "layernorm" else None)
         head = self.embed if cfg.tie_word_embeddings else self.lm_head
         logits = jnp.einsum("btd,vd->btv", x.astype(dt), head[...].astype(dt), preferred_element_type=jnp.float32)
@@ -396,10 +398,10 @@ def _block(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin, attend, kv, index)
     if cfg.qk_norm:
         q, k = _norm(cfg, q, w["q_norm"]), _norm(cfg, k, w["k_norm"])
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    if kv is not None:
-        k = jax.lax.dynamic_update_slice(kv[0], k, (0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(kv[1], v, (0, index, 0, 0))
-        kv = (k, v)
+    if kv is not None:  # kv: every layer's cache (L, B, S, K, Dh); index: (this layer, first slot to write)
+        layer, slot = index
+        kv = tuple(jax.lax.dynamic_update_slice(c, new[None], (layer, 0, slot, 0, 0)) for c, new in zip(kv, (k, v)))
+        k, v = kv[0][layer], kv[1][layer]
     post = (lambda y, name: _norm(cfg, y, w[name])) if cfg.post_norms else (lambda y, name: y)
     attn = _attention(q, k, v, attend, cfg.query_pre_attn_scalar or cfg.head_dim)
     x = x + post(jnp.einsum("bthk,hkd->btd", attn, w["wo"].astype(dt)), "attn_post_norm")
