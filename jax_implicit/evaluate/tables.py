@@ -79,8 +79,9 @@ def report(cfg) -> str:
         parts.append(text)
         notes |= marks
         judges |= used
-    foot = [f"Head-to-head cells: {cfg.eval_set} win rate (%) against the instruction-tuned model of the same base, "
-            f"mean ± standard deviation over seeds; judge folder `{cfg.judge}`."]
+    foot = [f"Head-to-head cells: {cfg.eval_set} length-controlled win rate (%) against the instruction-tuned "
+            f"model of the same base (raw where marked {RAW}), mean ± standard deviation over seeds; judge folder "
+            f"`{cfg.judge}`."]
     foot += [f"Judge: {j}." for j in sorted(judges)]
     if RAW in notes:
         foot.append(f"{RAW} raw win rate: the length-controlled one is missing for at least one seed "
