@@ -1,0 +1,150 @@
+"""Decoding throughput: the compiled decoder with the three rules vs transformers `generate` with an
+equivalent rule LogitsProcessor (KV cache on), on the same prompts, in one process.
+
+    .venv/bin/python benchmarks/decode.py [--config=configs/generate.py] [--batch_sizes=1,16] [--reps=3]
+
+Both sides produce exactly `--new_tokens` tokens per row (EOS never stops ours; `min_new_tokens`
+forces HF's). transformers runs with torch's default threads and with one thread (on a loaded 2-core
+machine OpenMP's second thread can make small ops several times slower); the faster is the baseline.
+Runs alternate between the sides, after a warm-up each (JAX compiles then), and the best of `--reps`
+is reported, because the CPU is shared. Also printed: the batch-1 bound set by memory
+bandwidth (every weight is read once per decoding step).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "generate.py"), "generation config")
+_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "16"], "batch sizes to time")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
+_REPS = flags.DEFINE_integer("reps", 3, "timed repetitions per side (best is reported)")
+_PROMPTS = flags.DEFINE_string("prompts", str(ROOT.parent / "shared" / "data" / "val_eval" / "val.jsonl"),
+                               "instructions file (JSON/JSONL) or dataset name")
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes moved per second (read + write) by a large host memory copy, best of 5."""
+    import numpy as np
+
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def hf_rule_processor(tables, width: int, seen, torch):
+    """The same product of experts as `rules.scores`, as a transformers LogitsProcessor."""
+    from transformers import LogitsProcessor
+
+    offsets = torch.from_numpy(tables["offsets"])
+    eos = torch.from_numpy(tables["eos"])
+    scale, horizon, monotone, diversity = (tables[k] for k in ("eos_scale", "eos_horizon", "eos_monotone", "diversity"))
+
+    class Rules(LogitsProcessor):
+        def __init__(self):
+            self.seen = torch.from_numpy(seen.copy())
+
+        def __call__(self, input_ids, scores):
+            n = input_ids.shape[1] - width
+            if n > 0:
+                self.seen[torch.arange(len(input_ids)), input_ids[:, -1]] = True
+            ramp = (scale if monotone else 0.0) if n >= horizon else (scale * n / horizon if n > 0 else 0.0)
+            rule = offsets + ramp * eos + diversity * self.seen.float()
+            return torch.log_softmax(scores, -1) + torch.log_softmax(rule, -1)
+
+    return Rules()
+
+
+def main(argv):
+    del argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import jax
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+
+    from jax_implicit import convert, decode, generate, rules
+
+    cfg = _CONFIG.value
+    new = _NEW.value
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    ours = convert.load_hf(cfg.model.path, param_dtype="float32", dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
+    tables = rules.build(cfg.rules, tok, ours.cfg.vocab_size, tok.eos_token_id)
+    host_tables = {k: np.asarray(v) for k, v in vars(tables).items()}
+    host_tables = {k: (v.item() if v.ndim == 0 else v) for k, v in host_tables.items()}
+    rows = generate.read_instructions(_PROMPTS.value)
+    encoded = [decode.encode(tok, r["instruction"], cfg.decode.tag_set) for r in rows]
+
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(ours))
+    bandwidth = copy_bandwidth()
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}; jax {jax.__version__} "
+          f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(f"weights {weight_bytes / 1e6:.0f} MB float32; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write) "
+          f"-> batch-1 bound {bandwidth / weight_bytes:.1f} tokens/s")
+
+    for batch in (int(b) for b in _BATCHES.value):
+        ids, mask, seen = decode.pad_batch(encoded[:batch], batch, 1, tok.pad_token_id or 0)
+        seen_v = np.zeros((batch, ours.cfg.vocab_size), bool)
+        for r in range(batch):
+            seen_v[r, ids[r][seen[r]]] = True
+
+        def run_ours():
+            out, _ = decode.generate(ours, ids, mask, seen_mask=seen, max_new_tokens=new, rules=tables, eos_ids=())
+            return np.asarray(out)
+
+        def run_hf():
+            with torch.no_grad():
+                out = hf.generate(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                                  max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
+                                  logits_processor=LogitsProcessorList(
+                                      [hf_rule_processor(host_tables, ids.shape[1], seen_v, torch)]),
+                                  pad_token_id=tok.pad_token_id)
+            return out[:, ids.shape[1]:].numpy()
+
+        def run_hf_1():
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return run_hf()
+            finally:
+                torch.set_num_threads(threads)
+
+        sides = {"ours": run_ours, f"hf {torch.get_num_threads()} threads": run_hf, "hf 1 thread": run_hf_1}
+        times = {name: [] for name in sides}
+        for fn in sides.values():
+            fn()  # warm-up (compilation for ours)
+        for _ in range(_REPS.value):
+            for name, fn in sides.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        tps = {k: batch * new / min(v) for k, v in times.items()}
+        hf_best = max((k for k in tps if k != "ours"), key=tps.get)
+        ours_out, hf_out = run_ours(), run_hf()
+        eos_at = [list(r).index(tok.eos_token_id) if tok.eos_token_id in r else new for r in ours_out]
+        same = np.mean([(o[:n] == h[:n]).all() for o, h, n in zip(ours_out, hf_out, eos_at)])
+        print(f"batch {batch:3d}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in tps.items())
+              + f"; ratio vs the faster transformers ({hf_best}) {tps['ours'] / tps[hf_best]:.2f}x "
+              f"(best of {_REPS.value}; prompt width {ids.shape[1]}; rows equal up to our first EOS {same:.0%}; "
+              f"load {os.getloadavg()[0]:.1f})", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,39 @@
+"""Greedy decoding with the paper's rule-based adapter (SmolLM2-135M by default).
+
+    python -m jax_implicit.generate --config=configs/generate.py --config.data.instructions=alpaca_eval
+    python -m jax_implicit.generate --config=configs/generate.py:no_eos   # Table 4 ablations:
+                                                                         # no_eos, no_uniform, no_diversity, no_rules
+"""
+
+from ml_collections import ConfigDict
+
+from jax_implicit import config, rules
+
+VARIANTS = ("", "no_eos", "no_uniform", "no_diversity", "no_rules")
+
+
+def get_config(variant: str = "") -> ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    c = ConfigDict()
+    c.model = config.model()
+    c.rules = rules.default_config()
+    c.use_rules = variant != "no_rules"
+    if variant.startswith("no_") and variant != "no_rules":
+        c.rules[variant[3:]] = False
+    c.data = ConfigDict(dict(
+        instructions="val",  # a JSON/JSONL file with an "instruction" per row, or "val" / "alpaca_eval"
+        limit=0,  # 0: all rows
+    ))
+    c.decode = ConfigDict(dict(
+        max_new_tokens=512,
+        batch_size=16,
+        bucket=64,  # prompts are left-padded to a multiple of this many tokens
+        temperature=0.0,  # 0: greedy (the paper's setting)
+        top_p=1.0,
+        seed=0,
+        tag_set="user_assistant",  # or "AB" for the tag ablation
+    ))
+    c.generator = ""  # name written to the output; default: model folder name + variant
+    c.output = ""  # default: outputs/generate/<generator>-<dataset>.json
+    return c

@@ -1,0 +1,100 @@
+"""`python -m jax_implicit.generate --config=configs/generate.py [--config.a.b=v ...]`
+
+Reads instructions (a JSON/JSONL file, or the dataset names `val` / `alpaca_eval`), decodes them
+with the compiled decoder and, unless switched off, the rule-based adapter, and writes an
+AlpacaEval-format JSON list of {instruction, output, generator, dataset}. Everything that can be
+checked (config values, the instruction file, prompt lengths) is checked before the model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from absl import app, logging
+from ml_collections import ConfigDict, config_flags
+
+from jax_implicit import io
+from jax_implicit.evaluate.records import read_rows
+
+VAL_URL = "https://raw.githubusercontent.com/john-hewitt/implicit-ins/main/eval/val_eval/val.jsonl"
+# dataset name -> its file in the local data folder (../shared/data), and how to fetch the public one
+LOCAL = {"val": "val_eval/val.jsonl", "alpaca_eval": "alpaca_eval/alpaca_eval.json"}
+PUBLIC = {"val": lambda: _hf_rows("json", data_files=VAL_URL, split="train"),
+          "alpaca_eval": lambda: _hf_rows("tatsu-lab/alpaca_eval", "alpaca_eval", split="eval")}
+
+
+def _hf_rows(*args, **kwargs) -> list[dict]:
+    import datasets
+
+    return [dict(r) for r in datasets.load_dataset(*args, **kwargs)]
+
+
+def read_instructions(source: str, limit: int = 0) -> list[dict]:
+    """Rows {instruction, dataset} from a JSON/JSONL file or a dataset name (its copy in the local data
+    folder when there is one, else the public dataset). Every row must carry a string `instruction`."""
+    folder, _ = io.data_folder()
+    if source in PUBLIC and folder is not None and (folder / LOCAL[source]).is_file():
+        rows = read_rows(folder / LOCAL[source], required=("instruction",), what="instructions")
+    elif source in PUBLIC:
+        rows = PUBLIC[source]()
+    else:
+        rows = read_rows(source, required=("instruction",), what=f"instructions (a file or one of {sorted(PUBLIC)}):")
+    out = [{"instruction": r["instruction"], "dataset": r.get("dataset", Path(source).stem)} for r in rows]
+    return out[:limit] if limit else out
+
+
+def run(cfg: ConfigDict) -> Path:
+    """Decode every instruction of `cfg.data.instructions`; returns the output path."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from jax_implicit import convert, decode, model, rules
+
+    if cfg.use_rules:
+        rules.validate(cfg.rules)
+    rows = read_instructions(cfg.data.instructions, cfg.data.limit)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    mcfg = model.from_hf_config(cfg.model.path)
+    d = cfg.decode
+    try:  # before loading weights: a prompt that does not fit is a config error
+        decode.encode_all(tokenizer, [r["instruction"] for r in rows], d.tag_set, d.max_new_tokens,
+                          mcfg.max_position_embeddings)
+    except ValueError as err:
+        raise ValueError(f"{cfg.data.instructions}: {err}") from None
+    generator = cfg.generator or Path(cfg.model.path).name + ("-rules" if cfg.use_rules else "-greedy")
+    output = Path(cfg.output or f"outputs/generate/{generator}-{Path(cfg.data.instructions).stem}.json")
+    decoder = convert.load_hf(cfg.model.path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
+
+    bar = tqdm(total=len(rows), unit="ins", desc=generator)
+    start, produced = time.perf_counter(), 0
+
+    def progress(done_rows: int, new_tokens: int) -> None:
+        nonlocal produced
+        produced += new_tokens
+        bar.update(done_rows)
+        bar.set_postfix(tok_per_s=f"{produced / (time.perf_counter() - start):.1f}")
+
+    outputs = decode.generate_texts(
+        decoder, tokenizer, [r["instruction"] for r in rows], max_new_tokens=d.max_new_tokens, rules=tables,
+        tag_set=d.tag_set, batch_size=d.batch_size, bucket=d.bucket, temperature=d.temperature, top_p=d.top_p,
+        seed=d.seed, on_batch=progress)
+    bar.close()
+    io.write_atomic(output, json.dumps([{"instruction": r["instruction"], "output": o, "generator": generator,
+                                         "dataset": r["dataset"]} for r, o in zip(rows, outputs)], indent=2))
+    logging.info("%d responses, %d tokens, %.1f tokens/s -> %s", len(rows), produced,
+                 produced / (time.perf_counter() - start), output)
+    return output
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(run(_CONFIG.value))
+
+
+if __name__ == "__main__":  # the flag is defined here so that importing this module defines none
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py", "generation config (ml_collections)")
+    app.run(main)
