@@ -1,6 +1,7 @@
 """Gemma 3 (text) in the shared decoder: parity with transformers' Gemma3ForCausalLM on a tiny random
 config whose sliding window is shorter than the test sequence and on the real Gemma-3-270M weights,
-the KV cache beyond the window, HF export round trip, and config errors."""
+the KV cache beyond the window, HF export round trip, sharding, config errors, greedy decoding against
+transformers' `generate`, and the rule table on Gemma's tokenizer."""
 
 import json
 
@@ -12,7 +13,7 @@ import torch
 from test_model import LENGTHS, jax_logits, padded_batch, torch_logits
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from jax_implicit import convert
+from jax_implicit import convert, decode, rules
 from jax_implicit import model as M
 from jax_implicit.prompts import generation_prompt
 
@@ -172,3 +173,35 @@ def test_gemma3_270m_real_weights_parity(gemma_hf, gemma_decoder, gemma_tokenize
         assert np.abs(out - ref)[mask].max() <= 1e-3
         assert (out.argmax(-1) == ref.argmax(-1))[mask].all()
     assert ids.shape[1] > 512  # the long prompt crossed the window
+
+
+@pytest.mark.slow
+def test_gemma3_270m_greedy_decoding_matches_transformers_generate(gemma_hf, gemma_decoder, gemma_tokenizer,
+                                                                   long_prompt):
+    """Ours batched and left-padded (the long row crosses the window while prefilling and decoding);
+    transformers one prompt at a time, unpadded."""
+    prompts, new = [*SHORT_PROMPTS, long_prompt], 20
+    enc = gemma_tokenizer(prompts, return_tensors="np", padding=True)
+    tokens, lengths = decode.generate(gemma_decoder, enc["input_ids"], enc["attention_mask"].astype(bool),
+                                      max_new_tokens=new, eos_ids=gemma_decoder.cfg.eos_token_ids)
+    for r, prompt in enumerate(prompts):
+        ids = gemma_tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            ref = gemma_hf.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        assert np.asarray(tokens[r, :int(lengths[r])]).tolist() == ref.tolist(), (r, prompt[-40:])
+
+
+def test_rule_table_maps_onto_gemma_tokenizer(gemma3_270m_dir, gemma_tokenizer):
+    """Every string of the paper's rule table is one Gemma token, the one its tokenizer emits."""
+    strings = {name: s for name, (s, _) in rules.TOKENS.items()}
+    found, missing = rules.token_ids(gemma_tokenizer, strings, 262144)
+    print(f"rule strings that are not single Gemma tokens: {[strings[n] for n in missing]}")
+    assert missing == []
+    for name, i in found.items():
+        plain = strings[name].replace(rules.SPACE, " ")
+        assert gemma_tokenizer(plain, add_special_tokens=False)["input_ids"] == [i], name
+    cfg = M.from_hf_config(gemma3_270m_dir)
+    tables = rules.build(rules.default_config(), gemma_tokenizer, cfg.vocab_size, cfg.eos_token_ids[0])
+    offsets = np.asarray(tables.offsets)
+    assert {i: offsets[i] for i in found.values()} == {found[n]: w for n, (_, w) in rules.TOKENS.items()}
+    assert np.count_nonzero(offsets) == len(strings) and np.asarray(tables.eos)[1] == 1.0
