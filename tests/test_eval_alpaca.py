@@ -160,3 +160,29 @@ def test_judge_answers_must_be_single_tokens(tiny_smol_dir, tmp_path):
     with pytest.raises(ValueError, match=r"must contain \{output_2\} exactly once"):
         judge.template_path(tmp_path / "t.txt")
 
+
+@pytest.mark.slow
+def test_end_to_end_on_outputs_decoded_by_this_project(smollm2_dir, shared, tmp_path):
+    """Real SmolLM2-135M-Instruct answers three validation instructions (this project's greedy decoder), then
+    alpaca_eval judges them against the paper's gpt-3.5-turbo references with the default local judge."""
+    from jax_implicit import convert, decode
+
+    refs = json.loads((shared / "data" / "val_eval" / "val-gpt3.5-2.json").read_text())
+    refs = sorted(refs, key=lambda r: len(r["output"]))[:3]  # the shortest references keep the judge's prompts short
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    texts = decode.generate_texts(convert.load_hf(smollm2_dir), tok, [r["instruction"] for r in refs],
+                                  max_new_tokens=32)
+    outs = [{"instruction": r["instruction"], "output": t, "generator": "smollm2-greedy", "dataset": "val"}
+            for r, t in zip(refs, texts)]
+    cfg = alpaca_config.get_config()
+    cfg.outputs, cfg.references = write(tmp_path / "outputs.json", outs), write(tmp_path / "refs.json", refs)
+    cfg.eval_set, cfg.judge.kind, cfg.judge.model.path = "val", "local", str(smollm2_dir)
+    cfg.out = str(tmp_path / "h2h")
+    result = alpaca.run(cfg)
+    board = (tmp_path / "h2h" / "leaderboard.csv").read_text().splitlines()
+    annotations = json.loads((tmp_path / "h2h" / "annotations.json").read_text())
+    assert board[1].startswith("smollm2-greedy,") and float(board[1].split(",")[1]) == pytest.approx(result["win_rate"])
+    assert sorted(a["output_2"] for a in annotations) == sorted(texts) and result["reference"] == "gpt-3.5-turbo"
+    assert result["win_rate"] == pytest.approx(100 * np.mean([a["preference"] - 1 for a in annotations]))
+    assert result["judge"] == "local judge (smollm2-135m-instruct), not comparable with GPT-4 numbers"
+    assert json.loads((tmp_path / "h2h" / "result.json").read_text()) == result
