@@ -180,10 +180,11 @@ def test_gemma3_270m_greedy_decoding_matches_transformers_generate(gemma_hf, gem
                                                                    long_prompt):
     """Ours batched and left-padded (the long row crosses the window while prefilling and decoding);
     transformers one prompt at a time, unpadded."""
-    prompts, new = [*SHORT_PROMPTS, long_prompt], 20
+    prompts, new = [SHORT_PROMPTS[0], SHORT_PROMPTS[2], long_prompt], 20
     enc = gemma_tokenizer(prompts, return_tensors="np", padding=True)
     tokens, lengths = decode.generate(gemma_decoder, enc["input_ids"], enc["attention_mask"].astype(bool),
                                       max_new_tokens=new, eos_ids=gemma_decoder.cfg.eos_token_ids)
+    assert (np.asarray(lengths) == new).all()  # no row stops early: every row compares `new` tokens
     for r, prompt in enumerate(prompts):
         ids = gemma_tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
