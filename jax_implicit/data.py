@@ -150,7 +150,8 @@ DATASETS: dict[str, Source] = {
 }
 
 
-def _read_json_file(path: Path) -> list:
+def read_json_rows(path: Path) -> list:
+    """Rows of a JSON list or JSON Lines file; a line that does not parse is named."""
     text = path.read_text(encoding="utf-8")
     if path.suffix != ".jsonl" and text.lstrip()[:1] == "[":
         try:
@@ -178,7 +179,7 @@ def _local_rows(path: Path) -> tuple[list, Callable[[int], str]]:
         files = sorted([*path.glob("*.jsonl"), *path.glob("*.json")])
         if not files:
             raise DataError(f"data folder {path} holds no .json or .jsonl files")
-        parts = [(f, _read_json_file(f)) for f in files]
+        parts = [(f, read_json_rows(f)) for f in files]
         rows = [r for _, rs in parts for r in rs]
         starts = np.cumsum([0] + [len(rs) for _, rs in parts])
 
@@ -188,7 +189,7 @@ def _local_rows(path: Path) -> tuple[list, Callable[[int], str]]:
         return rows, where
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    return _read_json_file(path), lambda i: f"{path} row {i}"
+    return read_json_rows(path), lambda i: f"{path} row {i}"
 
 
 def _check_messages(row: dict, where: str) -> dict:

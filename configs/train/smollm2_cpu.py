@@ -12,8 +12,8 @@ from jax_implicit import train
 def get_config(mode: str = "response"):
     cfg = train.default_config()
     cfg.data.update(name="lima", path="../shared/data/lima/lima_data.jsonl", mode=mode, max_seq_length=128,
-                    limit=192, bucket_min=64)
+                    limit=128, bucket_min=64)
     cfg.optim.update(lr=3e-5, schedule="cosine", warmup_ratio=0.1)
-    cfg.train.update(epochs=1, global_batch=16, micro_batch=4, seed=1, checkpoint_every=4, max_to_keep=2,
+    cfg.train.update(epochs=1, global_batch=16, micro_batch=4, seed=1, checkpoint_every=8, max_to_keep=2,
                      out_dir=f"checkpoints/runs/smollm2_cpu-{mode}")
     return cfg
