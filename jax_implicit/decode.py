@@ -48,9 +48,10 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
     if width > 1:  # prefill all but the last prompt token; its logits are unused, so XLA drops the head
         _, cache = decoder(prompt_ids[:, :-1], positions[:, :-1], prompt_mask[:, :-1], cache)
     rows = jnp.arange(batch)
-    seen = jnp.zeros((batch, vocab), bool)
+    seen = None  # (batch, vocab) bool: ids seen since the end of the user tag, for the diversity rule
     if tables is not None:
-        seen = seen.at[rows[:, None], jnp.where(seen_mask, prompt_ids, vocab)].set(True, mode="drop")
+        seen = jnp.zeros((batch, vocab), bool).at[rows[:, None], jnp.where(seen_mask, prompt_ids, vocab)].set(
+            True, mode="drop")
 
     def step(state):
         i, token, cache, out, length, done, seen = state
@@ -79,9 +80,13 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
 _generate_jit = jax.jit(_generate, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
 
 
-def _check(cfg: M.ModelConfig, prompt_ids, prompt_mask, seen_mask, max_new_tokens, temperature, top_p, key) -> None:
+def _check_new_tokens(max_new_tokens) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+
+def _check(cfg: M.ModelConfig, prompt_ids, prompt_mask, seen_mask, max_new_tokens, temperature, top_p, key) -> None:
+    _check_new_tokens(max_new_tokens)
     if prompt_ids.ndim != 2 or prompt_ids.shape[0] == 0 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be a non-empty (batch, seq) array, got shape {prompt_ids.shape}")
     for name, arr in (("prompt_mask", prompt_mask), ("seen_mask", seen_mask)):
@@ -118,8 +123,9 @@ def generate(decoder: M.Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int
     """
     cfg = decoder.cfg
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask, bool)
-    seen = mask if seen_mask is None else np.asarray(seen_mask, bool) & mask
+    seen = mask if seen_mask is None else np.asarray(seen_mask, bool)
     _check(cfg, ids, mask, seen, max_new_tokens, temperature, top_p, key)
+    seen = seen & mask
     slots = ids.shape[1] + max_new_tokens - 1
     if cache is None:
         cache = M.KVCache.init(cfg, ids.shape[0], slots)
@@ -156,8 +162,7 @@ def encode_all(tokenizer, instructions: Sequence[str], tag_set: str, max_new_tok
     in `context` positions together with `max_new_tokens`."""
     if len(instructions) == 0:
         raise ValueError("no instructions to decode")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    _check_new_tokens(max_new_tokens)
     encoded = [encode(tokenizer, ins, tag_set) for ins in instructions]
     for k, p in enumerate(encoded):
         if len(p.ids) + max_new_tokens > context:

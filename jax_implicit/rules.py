@@ -161,8 +161,8 @@ def build(cfg: ConfigDict, tokenizer, vocab_size: int, eos_id: int) -> RuleTable
     """The RuleTables for a model's vocabulary. Strings that are not one token are logged by name
     and left out (never mapped to an unknown id)."""
     validate(cfg)
-    if not 0 <= eos_id < vocab_size:
-        raise ValueError(f"EOS id {eos_id} is outside the vocabulary (size {vocab_size})")
+    if not isinstance(eos_id, (int, np.integer)) or not 0 <= eos_id < vocab_size:
+        raise ValueError(f"EOS id {eos_id!r} is not an id of this vocabulary (size {vocab_size}); the EOS rule needs one")
     found, missing = token_ids(tokenizer, dict(cfg.strings), vocab_size)
     for name in missing:
         logging.warning("rule token %s=%r is not a single token of this vocabulary; left out",
