@@ -1,0 +1,41 @@
+"""The compiled decoder with the three rules, run on device meshes, gives the single-device tokens."""
+
+import jax
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from jax_implicit import convert, decode, rules
+from jax_implicit import model as M
+from jax_implicit.sharding import Sharder, make_mesh, RULES
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+INSTRUCTIONS = ["Name three colours.", "What is 2 + 2?", "Write a haiku about rain.", "Hi",
+                "Explain photosynthesis to a child in two sentences.", "List the planets.",
+                "Translate 'good morning' into French.", "Why is the sky blue?"]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_smol_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_smol_dir)
+    cfg = M.from_hf_config(tiny_smol_dir)
+    prompts = decode.encode_all(tok, INSTRUCTIONS, "user_assistant", NEW_TOKENS, cfg.max_position_embeddings)
+    ids, mask, seen = decode.pad_batch(prompts, len(prompts), 16, cfg.pad_token_id)
+    tables = rules.build(rules.default_config(), tok, cfg.vocab_size, tok.eos_token_id)
+    args = dict(seen_mask=seen, max_new_tokens=NEW_TOKENS, rules=tables, eos_ids=decode.eos_ids_for(cfg, tok))
+    tokens, lengths = decode.generate(convert.load_hf(tiny_smol_dir), ids, mask, **args)
+    return ids, mask, args, np.asarray(tokens), np.asarray(lengths)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_rules_decoding_on_mesh_equals_one_device(tiny_smol_dir, setup, shape):
+    ids, mask, args, want_tokens, want_lengths = setup
+    sh = Sharder(make_mesh(dict(zip(("data", "fsdp", "tensor"), shape))), RULES["fsdp_tp"])
+    decoder = sh.load_hf(tiny_smol_dir)
+    cache = M.KVCache.init(decoder.cfg, ids.shape[0], ids.shape[1] + NEW_TOKENS - 1)
+    cache = sh.put(cache, sh.cache(cache))
+    assert len(decoder.embed[...].sharding.device_set) == 8
+    tokens, lengths = decode.generate(decoder, ids, mask, cache=cache, **args)
+    np.testing.assert_array_equal(np.asarray(tokens), want_tokens)
+    np.testing.assert_array_equal(np.asarray(lengths), want_lengths)
