@@ -4,6 +4,11 @@ position in the data order, so that a restarted run continues bit for bit where 
 Orbax writes each step into a temporary folder renamed into place when complete, so a killed save
 leaves no step behind. A step that is on disk but unreadable (truncated or corrupted files) is
 skipped with a warning and the one before it is restored.
+
+Sharded states save and restore as they are: each array is written from its shards and read back
+straight into the shardings of the restore target (any mesh, not necessarily the one that saved it).
+In a multi-host run every process calls `save` and `restore_latest` with its part of the same
+global arrays; orbax coordinates the writes, so the directory must be one that all hosts share.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-
 
 
 class Checkpoints:

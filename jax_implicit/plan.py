@@ -133,6 +133,19 @@ def _elems(sh: Sharder, axes, shape, only: tuple[str, ...] = MESH_AXES) -> int:
     return n
 
 
+def activation_bytes(cfg: M.ModelConfig, sh: Sharder, micro_batch: int, seq: int) -> int:
+    """Per device: what one micro-batch of `seq` tokens keeps for the backward pass (`layer_bytes_per_token`
+    for every layer, plus the final norm, the float32 logits and their gradient, and the attention mask),
+    its rows split by the batch rules and its heads, MLP width and vocabulary by the tensor rules."""
+    rows = _elems(sh, ("batch",), (micro_batch,))
+    split = {a: getattr(cfg, n) // _elems(sh, (a,), (getattr(cfg, n),))
+             for a, n in (("heads", "num_heads"), ("kv_heads", "num_kv_heads"), ("mlp", "intermediate_size"),
+                          ("vocab", "vocab_size"))}
+    V, H = cfg.vocab_size, cfg.num_heads
+    final = 4 * (H // split["heads"]) * seq + norm_bytes_per_token(cfg) + 8 * (V // split["vocab"])
+    return rows * seq * (cfg.num_layers * layer_bytes_per_token(cfg, seq, split) + final)
+
+
 def plan(cfg: M.ModelConfig, mesh_cfg: Mapping[str, Any], hardware: str, micro_batch: int, seq: int,
          headroom: float = 0.9) -> Plan:
     if hardware not in HARDWARE:
@@ -149,17 +162,12 @@ def plan(cfg: M.ModelConfig, mesh_cfg: Mapping[str, Any], hardware: str, micro_b
     tensor_only = [_elems(sh, axes, s, only=("tensor",)) for axes, s in leaves]
     layer_tp = sum(n for n, (axes, _) in zip(tensor_only, leaves) if axes[0] == "layers") // cfg.num_layers
     rows = _elems(sh, ("batch",), (micro_batch,))
-    split = {a: getattr(cfg, n) // _elems(sh, (a,), (getattr(cfg, n),))
-             for a, n in (("heads", "num_heads"), ("kv_heads", "num_kv_heads"), ("mlp", "intermediate_size"),
-                          ("vocab", "vocab_size"))}
-    V, H = cfg.vocab_size, cfg.num_heads
-    final = 4 * (H // split["heads"]) * seq + norm_bytes_per_token(cfg) + 8 * (V // split["vocab"])
     gathered = elems < sum(tensor_only)  # parameters split beyond `tensor`: FSDP gathers them layer by layer
     components = {
         "parameters": elems * p,
         "gradients": elems * (4 + p),
         "optimizer (Adam)": 2 * elems * p,
-        "activations": rows * seq * (cfg.num_layers * layer_bytes_per_token(cfg, seq, split) + final),
+        "activations": activation_bytes(cfg, sh, micro_batch, seq),
         "weight copies": elems * c if c != p else 0,
         "workspace": layer_tp * (c + 4) if gathered else 0,
     }

@@ -8,11 +8,17 @@ global batch, so both reductions are exact however the batch is split:
 `example` (each example's mean token loss, averaged over examples: the authors' code) and `token`
 (the mean over every loss token of the global batch).
 
+Everything runs on the device mesh of `cfg.mesh` (`sharding.py`): parameters, the accumulator and
+Adam's moments are sharded by the rule table, micro-batch rows are split over the batch axes, and
+each process of a multi-host run feeds only its own rows. The numbers do not depend on the mesh
+(up to float32 reduction order).
+
     python -m jax_implicit.train --config=configs/train/smollm2_cpu.py --config.optim.lr=1e-4
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -33,8 +39,10 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, config, convert, data
+from jax_implicit import checkpoint, config, convert, data, distributed
 from jax_implicit import model as M
+from jax_implicit.plan import activation_bytes
+from jax_implicit.sharding import Sharder
 
 log = logging.getLogger("jax_implicit.train")
 REDUCTIONS = ("example", "token")
@@ -171,25 +179,32 @@ def loss_weights(micro_batches: list[dict], reduction: str) -> list[np.ndarray]:
 
 
 def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int) -> dict:
-    """The train state: params, optimizer state and the PRNG key the data order derives from.
-    Params may be sharded (`convert.load_hf(sharding=...)`); the optimizer state follows them."""
+    """The train state: params, optimizer state and the PRNG key the data order derives from."""
     return dict(params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
 
 
 def abstract_state(model_cfg: M.ModelConfig, optimizer: optax.GradientTransformation, seed: int,
-                   sharding: Callable[[jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None) -> Any:
-    """The train state's shapes, dtypes and shardings, without allocating it (the restore target)."""
-    params = nnx.to_pure_dict(nnx.state(M.abstract(model_cfg)))
-    shapes = jax.eval_shape(lambda p: init_state(p, optimizer, seed), params)
-    place = sharding or (lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place(s)), shapes)
+                   sh: Sharder) -> Any:
+    """The train state's shapes, dtypes and shardings, without allocating it (the restore target).
+
+    Parameters by their logical axes; Adam's moments mirror them (`Sharder.tree` matches paths by
+    suffix); the step count and the PRNG key are replicated.
+    """
+    decoder = M.abstract(model_cfg)
+    shapes = jax.eval_shape(lambda p: init_state(p, optimizer, seed), nnx.to_pure_dict(nnx.state(decoder)))
+    shardings = sh.tree(shapes, M.logical_axes(decoder))
+    return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, shardings)
 
 
-def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation) -> tuple[Callable, Callable]:
+def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, state_sh: Any = None,
+                batch_sh: jax.sharding.NamedSharding | None = None) -> tuple[Callable, Callable]:
     """The two jitted functions of an optimizer step; all arrays are arguments, buffers are donated.
 
     micro_step(params, accum, batch) -> (accum + grad, loss): one micro-batch, float32 accumulator.
     apply_step(state, accum) -> (state, zeroed accum): the Adam update.
+    With the train state's shardings (`abstract_state`) and the micro-batch's, every input and output
+    is pinned to the mesh (the accumulator is sharded like the parameters); without, jit follows its
+    arguments.
     """
     def micro(params, accum, batch):
         loss, grads = jax.value_and_grad(loss_sum)(params, graphdef, batch)
@@ -202,22 +217,16 @@ def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation)
         state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state)
         return state, jax.tree.map(jnp.zeros_like, accum)
 
-    return jax.jit(micro, donate_argnums=(1,)), jax.jit(apply, donate_argnums=(0, 1))
+    micro_kw, apply_kw = {}, {}
+    if state_sh is not None:
+        p_sh, scalar = state_sh["params"], jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
+        micro_kw = dict(in_shardings=(p_sh, p_sh, batch_sh), out_shardings=(p_sh, scalar))
+        apply_kw = dict(in_shardings=(state_sh, p_sh), out_shardings=(state_sh, p_sh))
+    return jax.jit(micro, donate_argnums=(1,), **micro_kw), jax.jit(apply, donate_argnums=(0, 1), **apply_kw)
 
 
 def zeros_accum(params: dict) -> dict:
     return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32, device=p.sharding), params)
-
-
-def activation_bytes(cfg: M.ModelConfig, micro: int, length: int) -> int:
-    """Rough memory one micro-batch keeps for the backward pass (no rematerialization): per layer the
-    residual, normed inputs, q/k/v, attention output and MLP activations in the compute dtype plus
-    float32 attention scores and probabilities; float32 logits and their gradient."""
-    tokens, width = micro * length, np.dtype(M.DTYPES[cfg.dtype]).itemsize
-    qkv = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    per_layer = tokens * (3 * cfg.hidden_size + qkv + 3 * cfg.intermediate_size) * width
-    per_layer += 2 * micro * cfg.num_heads * length * length * 4
-    return cfg.num_layers * per_layer + 2 * tokens * cfg.vocab_size * 4
 
 
 # ----------------------------------------------------------------------------- the run
@@ -233,6 +242,7 @@ class RunResult:
     final_loss: float
     examples: int
     dropped: int
+    state: dict = dataclasses.field(repr=False)  # the final train state, still on the mesh
 
 
 def _model_dir(path: str) -> Path:
@@ -298,9 +308,36 @@ def _resume_config(out: Path, cfg: ConfigDict) -> None:
     _atomic_write(saved, json.dumps(now, indent=2))
 
 
-def run(cfg: ConfigDict) -> RunResult:
-    """Train as `cfg` says, resuming from the newest checkpoint in `cfg.train.out_dir` if there is one."""
+def _sharder(mesh_cfg: ConfigDict, devices: list[jax.Device] | None) -> Sharder:
+    try:
+        return Sharder.from_config(mesh_cfg, devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _initial_state(cfg: ConfigDict, model_dir: Path, optimizer: optax.GradientTransformation, sh: Sharder,
+                   state_sh: Any) -> dict:
+    """HF weights read straight into their shards; Adam's moments created on the mesh beside them."""
+    decoder = sh.load_hf(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    params = nnx.to_pure_dict(nnx.state(decoder))
+    del decoder
+    init = jax.jit(lambda p: init_state(p, optimizer, cfg.train.seed), out_shardings=state_sh, donate_argnums=0)
+    return init(params)
+
+
+def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
+    """Train as `cfg` says, resuming from the newest checkpoint in `cfg.train.out_dir` if there is one.
+
+    Every process of a multi-host run calls this; the mesh spans `devices` (default: all, of every
+    process). Process 0 alone writes config.json, metrics, the loss plot and logs; checkpoints and
+    the HF export are collective (orbax and `convert.export_hf` coordinate the processes).
+    """
+    if not jax.distributed.is_initialized():
+        distributed.initialize()
+    writer = distributed.is_writer()
+    info = log.info if writer else (lambda *_: None)
     check_config(cfg)
+    sh = _sharder(cfg.mesh, devices)
     t, d = cfg.train, cfg.data
     rows = data.load_rows(d)
     model_dir = _model_dir(cfg.model.path)
@@ -309,44 +346,51 @@ def run(cfg: ConfigDict) -> RunResult:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir)
     examples = data.tokenize(rows, tokenizer, d.tag_set, d.max_seq_length, d.name)
     n = len(examples.ids)
-    log.info("%s (%s mode): %d examples, %d dropped with no response token left after truncation to %d tokens",
-             d.name, d.mode, n, examples.dropped, d.max_seq_length)
+    info("%s (%s mode): %d examples, %d dropped with no response token left after truncation to %d tokens",
+         d.name, d.mode, n, examples.dropped, d.max_seq_length)
     model_cfg = M.from_hf_config(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
     per_epoch = data.steps_per_epoch(n, t.global_batch)
     total = per_epoch * t.epochs
     optimizer = make_optimizer(cfg.optim, total)
     sizes = data.buckets(d.max_seq_length, d.bucket_min)
-    log.info("%d steps (%d per epoch) of %d examples in micro-batches of %d; the longest micro-batch keeps ~%.2f GiB "
-             "of activations", total, per_epoch, t.global_batch, t.micro_batch,
-             activation_bytes(model_cfg, t.micro_batch, sizes[-1]) / 2**30)
+    batch_sh = sh.rows((t.micro_batch, sizes[0]))  # the same split for every bucket length
+    local = distributed.local_rows(batch_sh, (t.micro_batch, sizes[0]))  # this process's rows of a micro-batch
+    info("mesh %s (rules %s) over %d devices in %d processes; %d steps (%d per epoch) of %d examples in "
+         "micro-batches of %d; the longest micro-batch keeps ~%.2f GiB of activations per device",
+         " ".join(f"{a}={k}" for a, k in sh.mesh.shape.items()), cfg.mesh.rules, sh.mesh.size, jax.process_count(),
+         total, per_epoch, t.global_batch, t.micro_batch,
+         activation_bytes(model_cfg, sh, t.micro_batch, sizes[-1]) / 2**30)
 
     out = Path(t.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    _resume_config(out, cfg)
+    if writer:
+        _resume_config(out, cfg)
     ckpts = checkpoint.Checkpoints(out / "checkpoints", t.checkpoint_every, t.max_to_keep)
-    graphdef = nnx.split(M.abstract(model_cfg))[0]
-    restored = ckpts.restore_latest(abstract_state(model_cfg, optimizer, t.seed))
+    graphdef = nnx.split(sh.pin_activations(M.abstract(model_cfg)))[0]
+    abstract = abstract_state(model_cfg, optimizer, t.seed, sh)
+    state_sh = jax.tree.map(lambda s: s.sharding, abstract)
+    restored = ckpts.restore_latest(abstract)  # orbax reads each array straight into its shards
     if restored is None:
-        decoder = convert.load_hf(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
-        state, meta = init_state(nnx.to_pure_dict(nnx.state(decoder)), optimizer, t.seed), dict(step=0, epoch=0, position=0)
-        del decoder
+        state, meta = _initial_state(cfg, model_dir, optimizer, sh, state_sh), dict(step=0, epoch=0, position=0)
     else:
         state, meta = restored
-        log.info("resuming from step %d (epoch %d, batch %d) in %s", meta["step"], meta["epoch"], meta["position"], out)
-    micro_step, apply_step = build_steps(graphdef, optimizer)
+        info("resuming from step %d (epoch %d, batch %d) in %s", meta["step"], meta["epoch"], meta["position"], out)
+    micro_step, apply_step = build_steps(graphdef, optimizer, state_sh, batch_sh)
     schedule = lr_schedule(cfg.optim, total)
     metrics_path = out / "metrics.jsonl"
     rows_logged = _metrics_upto(metrics_path, meta["step"])
-    _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows_logged))
+    if writer:
+        _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows_logged))
     step, loss = meta["step"], rows_logged[-1]["loss"] if rows_logged else float("nan")
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, desc=f"train {d.name}/{d.mode}", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=f"train {d.name}/{d.mode}", unit="step", dynamic_ncols=True,
+               disable=not writer)
     accum = zeros_accum(state["params"])
     key = np.asarray(state["rng"])
     try:
-        with open(metrics_path, "a") as metrics_file:
+        with open(metrics_path, "a") if writer else contextlib.nullcontext() as metrics_file:
             for epoch in range(meta["epoch"], t.epochs):
                 order = data.epoch_order(n, key, epoch)
                 for position in range(meta["position"] if epoch == meta["epoch"] else 0, per_epoch):
@@ -355,7 +399,8 @@ def run(cfg: ConfigDict) -> RunResult:
                     micros = data.micro_batches(examples, batch_ids, t.micro_batch, sizes)
                     losses = []
                     for b, w in zip(micros, loss_weights(micros, t.reduction)):
-                        accum, part = micro_step(state["params"], accum, dict(tokens=b["tokens"], mask=b["mask"], weights=w))
+                        mine = dict(tokens=b["tokens"][local], mask=b["mask"][local], weights=w[local])
+                        accum, part = micro_step(state["params"], accum, sh.global_batch(mine, t.micro_batch))
                         losses.append(part)
                     loss = float(np.sum(np.asarray(jax.device_get(losses), np.float64)))
                     if not math.isfinite(loss):
@@ -370,8 +415,9 @@ def run(cfg: ConfigDict) -> RunResult:
                     row = dict(step=step, epoch=epoch, loss=loss, lr=lr, tokens=tokens,
                                loss_tokens=int(sum(b["loss"][:, 1:].sum() for b in micros)),
                                seconds=round(seconds, 4), tokens_per_s=round(tokens / seconds, 1))
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
+                    if writer:
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
                     rows_logged.append(row)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
                     bar.update(1)
@@ -382,13 +428,14 @@ def run(cfg: ConfigDict) -> RunResult:
         bar.close()
         ckpts.close()
     hf_dir = None
-    if t.export_hf:
+    if t.export_hf:  # every process gathers; process 0 writes
         tok_dir = Path(cfg.model.tokenizer or model_dir)
-        if not tok_dir.is_dir():
+        if writer and not tok_dir.is_dir():
             tok_dir = Path(tokenizer.save_pretrained(out / "tokenizer")[0]).parent
-        hf_dir = convert.export_hf(nnx.merge(graphdef, state["params"]), out / "hf", tokenizer_dir=tok_dir)
-    plot = plot_loss(rows_logged, out / "loss.png")
-    return RunResult(out, hf_dir, metrics_path, plot, step, loss, n, examples.dropped)
+        hf_dir = convert.export_hf(nnx.merge(graphdef, state["params"]), out / "hf",
+                                   tokenizer_dir=tok_dir if writer else None)
+    plot = plot_loss(rows_logged, out / "loss.png") if writer else out / "loss.png"
+    return RunResult(out, hf_dir, metrics_path, plot, step, loss, n, examples.dropped, state)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -442,7 +489,8 @@ def main() -> None:
             result = run(flag.value)
         except (ConfigError, data.DataError, TrainingError) as e:
             sys.exit(f"error: {e}")
-        print(json.dumps({k: str(v) for k, v in dataclasses.asdict(result).items()}, indent=2))
+        fields = [f.name for f in dataclasses.fields(result) if f.name != "state"]
+        print(json.dumps({k: str(getattr(result, k)) for k in fields}, indent=2))
 
     app.run(_main, flags_parser=_parse_flags)
 

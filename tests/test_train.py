@@ -34,6 +34,9 @@ def overrides(model_dir, shared, out_dir) -> dict:
             "train.seed": 0, "train.checkpoint_every": 1, "train.max_to_keep": 2, "train.out_dir": str(out_dir)}
 
 
+ONE_DEVICE = jax.devices()[:1]  # these runs are about the loop; tests/test_train_sharded.py runs it on meshes
+
+
 def tiny_config(model_dir, shared, out_dir, **changes):
     cfg = train._load_config_file(f"{CPU_CONFIG}:response")
     for key, value in {**overrides(model_dir, shared, out_dir), **changes}.items():
@@ -46,7 +49,7 @@ def tiny_config(model_dir, shared, out_dir, **changes):
 def reference(tiny_smol_dir, shared, tmp_path_factory):
     """One uninterrupted tiny run (also the loss-goes-down run)."""
     out = tmp_path_factory.mktemp("reference")
-    return train.run(tiny_config(tiny_smol_dir, shared, out))
+    return train.run(tiny_config(tiny_smol_dir, shared, out), ONE_DEVICE)
 
 
 def hf_params(out_dir: Path) -> dict:
@@ -124,7 +127,7 @@ def test_exact_resume_after_sigkill(reference, tiny_smol_dir, shared, tmp_path):
     cmd = [sys.executable, "-m", "jax_implicit.train", f"--config={CPU_CONFIG}:response"]
     cmd += [f"--config.{k}={v}" for k, v in overrides(tiny_smol_dir, shared, out).items()]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1.0")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1.0", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wait_for_checkpoint(out, proc, 3)
     proc.send_signal(signal.SIGKILL)
@@ -159,7 +162,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_still_ends_identical(referen
     shutil.rmtree(out / "hf")
     latest = corrupt_latest(out / "checkpoints")
     with pytest.warns(UserWarning, match=f"checkpoint step {latest} .* unreadable"):
-        result = train.run(tiny_config(tiny_smol_dir, shared, out))
+        result = train.run(tiny_config(tiny_smol_dir, shared, out), ONE_DEVICE)
     assert result.steps == 12
     ref, got = hf_params(reference.out_dir), hf_params(out)
     assert all(np.array_equal(ref[k], got[k]) for k in ref)
@@ -182,7 +185,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_smol_dir,
     cfg = tiny_config(tiny_smol_dir, shared, tmp_path, **{"optim.lr": 1e30, "train.export_hf": False})
     with pytest.raises(train.TrainingError, match=r"non-finite loss \(nan\) at step (\d+) .*stopped without updating. "
                        r"Last good checkpoint: step (\d+) in ") as err:
-        train.run(cfg)
+        train.run(cfg, ONE_DEVICE)
     bad, good = map(int, re.search(r"at step (\d+) .* step (\d+) in", str(err.value)).groups())
     assert good == bad - 1
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
