@@ -117,6 +117,17 @@ def test_resume_onto_another_mesh(single, runs, tiny_smol_dir, shared, tmp_path)
     assert_params_close(host_params(result), host_params(single))
 
 
+
+@pytest.mark.parametrize("mesh,rules,message", [
+    ((3, 1, 1), "fsdp", r"needs 3 devices, but 8 are available"),
+    ((1, 8, 1), "zero", r"mesh.rules='zero'; expected one of"),
+    ((1, 4, 2), "fsdp", r"tensor=2 are used by no rule"),
+])
+def test_bad_mesh_is_a_config_error_before_anything_runs(tiny_smol_dir, shared, tmp_path, mesh, rules, message):
+    with pytest.raises(train.ConfigError, match=message):
+        train.run(tiny_run_config(tiny_smol_dir, shared, tmp_path / "out", mesh, rules))
+    assert not (tmp_path / "out").exists()
+
 CONFIG_FILE = """
 import json
 from pathlib import Path
