@@ -25,11 +25,11 @@ def get_config(model: str = "smollm2") -> ConfigDict:
     # Data: "" tries $JAX_IMPLICIT_DATA, then ../shared/data, then the public dataset ids (online).
     c.data_dir = ""
     c.instructions = 56  # the paper's validation set has 56
-    c.max_new_tokens = 128
+    c.max_new_tokens = 96
     c.side_by_side = 4  # instructions shown in full in the report
     c.tune = ConfigDict(dict(examples=96, max_seq_length=128, epochs=1, global_batch=16, micro_batch=8, lr=5e-5))
-    c.ranking = ConfigDict(dict(examples=48, k=5, seed=0))
-    c.judged = 16  # instructions per head-to-head (both output orders each)
+    c.ranking = ConfigDict(dict(examples=16, k=5, seed=0))
+    c.judged = 8  # instructions per head-to-head (both output orders each)
     c.work = "checkpoints/demo"  # model outputs, the tuning run and its HF export
     c.report = "reports/demo"
     return c
