@@ -4,10 +4,10 @@ equivalent rule LogitsProcessor (KV cache on), on the same prompts, in one proce
     .venv/bin/python benchmarks/decode.py [--config=configs/generate.py] [--batch_sizes=1,16] [--reps=3]
 
 Both sides produce exactly `--new_tokens` tokens per row (EOS never stops ours; `min_new_tokens`
-forces HF's). transformers runs with torch's default threads and with one thread (on a loaded 2-core
+forces HF's). transformers runs once with torch's default threads and once with one thread (on a loaded 2-core
 machine OpenMP's second thread can make small ops several times slower); the faster is the baseline.
-Runs alternate between the sides, after a warm-up each (JAX compiles then), and the best of `--reps`
-is reported, because the CPU is shared. Also printed: the batch-1 bound set by memory
+Then runs alternate between ours and that baseline, and the best of `--reps` is reported, because
+the CPU is shared. Also printed: the batch-1 bound set by memory
 bandwidth (every weight is read once per decoding step).
 """
 
@@ -29,6 +29,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "gene
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "16"], "batch sizes to time")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
 _REPS = flags.DEFINE_integer("reps", 3, "timed repetitions per side (best is reported)")
+_HF_THREADS = flags.DEFINE_list("hf_threads", ["default", "1"], "torch thread settings to try for transformers")
 _PROMPTS = flags.DEFINE_string("prompts", str(ROOT.parent / "shared" / "data" / "val_eval" / "val.jsonl"),
                                "instructions file (JSON/JSONL) or dataset name")
 
@@ -118,31 +119,41 @@ def main(argv):
                                   pad_token_id=tok.pad_token_id)
             return out[:, ids.shape[1]:].numpy()
 
-        def run_hf_1():
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                return run_hf()
-            finally:
-                torch.set_num_threads(threads)
+        def with_threads(n: int):
+            def run():
+                threads = torch.get_num_threads()
+                torch.set_num_threads(n)
+                try:
+                    return run_hf()
+                finally:
+                    torch.set_num_threads(threads)
+            return run
 
-        sides = {"ours": run_ours, f"hf {torch.get_num_threads()} threads": run_hf, "hf 1 thread": run_hf_1}
-        times = {name: [] for name in sides}
-        for fn in sides.values():
-            fn()  # warm-up (compilation for ours)
+        outputs = {}
+
+        def timed(name, fn) -> float:
+            t = time.perf_counter()
+            outputs[name] = fn()
+            return time.perf_counter() - t
+
+        run_ours()  # compiles
+        hf_sides = {f"transformers {n if n != 'default' else torch.get_num_threads()} thread(s)":
+                    run_hf if n == "default" else with_threads(int(n)) for n in _HF_THREADS.value}
+        first = {name: timed(name, fn) for name, fn in hf_sides.items()}  # also their warm-up
+        hf_name = min(first, key=first.get)  # the faster one is the baseline, timed alongside ours
+        times = {"ours": [], hf_name: []}
         for _ in range(_REPS.value):
-            for name, fn in sides.items():
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+            times["ours"].append(timed("ours", run_ours))
+            times[hf_name].append(timed(hf_name, hf_sides[hf_name]))
         tps = {k: batch * new / min(v) for k, v in times.items()}
-        hf_best = max((k for k in tps if k != "ours"), key=tps.get)
-        ours_out, hf_out = run_ours(), run_hf()
+        other = {k: batch * new / v for k, v in first.items() if k != hf_name}
+        ours_out, hf_out = outputs["ours"], outputs[hf_name]
         eos_at = [list(r).index(tok.eos_token_id) if tok.eos_token_id in r else new for r in ours_out]
         same = np.mean([(o[:n] == h[:n]).all() for o, h, n in zip(ours_out, hf_out, eos_at)])
-        print(f"batch {batch:3d}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in tps.items())
-              + f"; ratio vs the faster transformers ({hf_best}) {tps['ours'] / tps[hf_best]:.2f}x "
-              f"(best of {_REPS.value}; prompt width {ids.shape[1]}; rows equal up to our first EOS {same:.0%}; "
+        print(f"batch {batch:3d}: ours {tps['ours']:.1f} tok/s, {hf_name} {tps[hf_name]:.1f} tok/s, ratio "
+              f"{tps['ours'] / tps[hf_name]:.2f}x (best of {_REPS.value}; "
+              + "".join(f"{k}: {v:.1f} tok/s in its warm-up run; " for k, v in other.items())
+              + f"prompt width {ids.shape[1]}; rows equal up to our first EOS {same:.0%}; "
               f"load {os.getloadavg()[0]:.1f})", flush=True)
 
 
