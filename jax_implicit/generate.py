@@ -16,7 +16,6 @@ from absl import app, logging
 from ml_collections import ConfigDict, config_flags
 
 from jax_implicit import io
-from jax_implicit.evaluate.records import read_rows
 
 VAL_URL = "https://raw.githubusercontent.com/john-hewitt/implicit-ins/main/eval/val_eval/val.jsonl"
 # dataset name -> its file in the local data folder (../shared/data), and how to fetch the public one
@@ -36,11 +35,11 @@ def read_instructions(source: str, limit: int = 0) -> list[dict]:
     folder when there is one, else the public dataset). Every row must carry a string `instruction`."""
     folder, _ = io.data_folder()
     if source in PUBLIC and folder is not None and (folder / LOCAL[source]).is_file():
-        rows = read_rows(folder / LOCAL[source], required=("instruction",), what="instructions")
+        rows = io.read_rows(folder / LOCAL[source], required=("instruction",), what="instructions")
     elif source in PUBLIC:
         rows = PUBLIC[source]()
     else:
-        rows = read_rows(source, required=("instruction",), what=f"instructions (a file or one of {sorted(PUBLIC)}):")
+        rows = io.read_rows(source, required=("instruction",), what=f"instructions (a file or one of {sorted(PUBLIC)}):")
     out = [{"instruction": r["instruction"], "dataset": r.get("dataset", Path(source).stem)} for r in rows]
     return out[:limit] if limit else out
 
@@ -55,8 +54,9 @@ def run(cfg: ConfigDict) -> Path:
     if cfg.use_rules:
         rules.validate(cfg.rules)
     rows = read_instructions(cfg.data.instructions, cfg.data.limit)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
-    mcfg = model.from_hf_config(cfg.model.path)
+    path = convert.model_dir(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
+    mcfg = model.from_hf_config(path)
     d = cfg.decode
     try:  # before loading weights: a prompt that does not fit is a config error
         decode.encode_all(tokenizer, [r["instruction"] for r in rows], d.tag_set, d.max_new_tokens,
@@ -65,7 +65,7 @@ def run(cfg: ConfigDict) -> Path:
         raise ValueError(f"{cfg.data.instructions}: {err}") from None
     generator = cfg.generator or Path(cfg.model.path).name + ("-rules" if cfg.use_rules else "-greedy")
     output = Path(cfg.output or f"outputs/generate/{generator}-{Path(cfg.data.instructions).stem}.json")
-    decoder = convert.load_hf(cfg.model.path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    decoder = convert.load_hf(path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
     tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
 
     bar = tqdm(total=len(rows), unit="ins", desc=generator)

@@ -1,10 +1,15 @@
-"""Where data comes from and how files are written: the local data folder, config files, atomic writes."""
+"""Where data comes from and how files are read and written: the local data folder, config files, JSON rows
+with errors that name the file, row and key, and atomic writes (text, JSON and PNG figures)."""
 
 from __future__ import annotations
 
 import importlib.util
+import io
+import json
 import os
+import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from ml_collections import ConfigDict
 
@@ -39,14 +44,85 @@ def load_config_file(path: str | Path, arg: str | None = None) -> ConfigDict:
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
+def read_rows(path: str | Path, required: Sequence[str] = (), what: str = "file") -> list[dict]:
+    """The rows of a JSON list or a JSON Lines file; each must be an object holding the `required` keys as strings.
+
+    A `.json` file of several JSON values is read as JSON Lines, as the hub's exports often are.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    rows = None if path.suffix == ".jsonl" or not text.strip() else _json_or_lines(text, f"{what} {path}")
+    if rows is None:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{what} {path} is not JSON Lines: line {n} does not parse ({e.msg})") from None
+    if not rows:
+        raise ValueError(f"{what} {path} is empty: it has no rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{what} {path}, row {i}: expected an object, found {type(row).__name__}")
+        for key in required:
+            if not isinstance(row.get(key), str):
+                found = "is missing" if key not in row else f"is {type(row[key]).__name__}, not a string"
+                raise ValueError(f"{what} {path}, row {i}: key {key!r} {found}")
+    return rows
+
+
+def _json_or_lines(text: str, name: str) -> list | None:
+    """A JSON list, or None when the text is several JSON values (JSON Lines under another name)."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":
+            return None
+        raise ValueError(f"{name} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{name}: expected a list of rows or JSON Lines, found {type(rows).__name__}")
+    return rows
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write to a temporary sibling, then rename: readers never see a half-written file."""
+    """Write via a temporary sibling renamed into place, so a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def figure(figsize: tuple[float, float]):
+    """A matplotlib (figure, axes) pair drawn off-screen: reports are written on headless machines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """The figure as a PNG, written atomically, and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())

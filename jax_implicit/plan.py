@@ -24,7 +24,6 @@ to XLA's temporaries, fragmentation and the runtime.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -209,9 +208,6 @@ def report(cfg: M.ModelConfig, name: str, mesh_cfg: Mapping[str, Any], hardware:
 
 
 def main(argv) -> None:
-    from absl import app  # noqa: F401  (flags are parsed by app.run)
-    from ml_collections import config_flags  # noqa: F401
-
     cfg = _CONFIG.value
     model = model_config(cfg.model.path, cfg.model.param_dtype, cfg.model.dtype)
     hardware = cfg.get("hardware", "all")

@@ -21,11 +21,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import importlib.util
 import json
 import logging
 import math
-import os
 import sys
 import time
 import warnings
@@ -39,7 +37,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, config, convert, data, distributed
+from jax_implicit import checkpoint, config, convert, data, distributed, io
 from jax_implicit import model as M
 from jax_implicit.plan import activation_bytes
 from jax_implicit.sharding import Sharder
@@ -245,24 +243,6 @@ class RunResult:
     state: dict = dataclasses.field(repr=False)  # the final train state, still on the mesh
 
 
-def _model_dir(path: str) -> Path:
-    if Path(path).is_dir():
-        return Path(path)
-    if path == config.SMOLLM2:
-        return convert.ensure_smollm2(Path(path).parent)
-    if Path(path).is_absolute() or path.startswith("."):
-        raise ConfigError(f"model.path {path!r} is not a folder")
-    from huggingface_hub import snapshot_download  # a hub id, when online
-
-    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _metrics_upto(path: Path, step: int) -> list[dict]:
     """Metric lines of steps up to `step` (a killed run may have logged past its last checkpoint)."""
     rows = []
@@ -277,22 +257,12 @@ def _metrics_upto(path: Path, step: int) -> list[dict]:
 
 
 def plot_loss(rows: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = io.figure((6, 3.5))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return io.save_figure(fig, out)
 
 
 def _resume_config(out: Path, cfg: ConfigDict) -> None:
@@ -305,7 +275,7 @@ def _resume_config(out: Path, cfg: ConfigDict) -> None:
         if changed:
             warnings.warn(f"{out} was started with a different config ({', '.join(changed)}): "
                           "resuming it will not reproduce an uninterrupted run", stacklevel=3)
-    _atomic_write(saved, json.dumps(now, indent=2))
+    io.write_atomic(saved, json.dumps(now, indent=2))
 
 
 def _sharder(mesh_cfg: ConfigDict, devices: list[jax.Device] | None) -> Sharder:
@@ -340,7 +310,10 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
     sh = _sharder(cfg.mesh, devices)
     t, d = cfg.train, cfg.data
     rows = data.load_rows(d)
-    model_dir = _model_dir(cfg.model.path)
+    try:
+        model_dir = convert.model_dir(cfg.model.path)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir)
@@ -380,7 +353,7 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
     metrics_path = out / "metrics.jsonl"
     rows_logged = _metrics_upto(metrics_path, meta["step"])
     if writer:
-        _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows_logged))
+        io.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows_logged))
     step, loss = meta["step"], rows_logged[-1]["loss"] if rows_logged else float("nan")
 
     from tqdm.auto import tqdm
@@ -443,12 +416,10 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
 
 def _load_config_file(spec: str) -> ConfigDict:
     path, _, arg = spec.partition(":")
-    if not Path(path).is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location("_train_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        return io.load_config_file(path, arg or None)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_overrides(argv: list[str]) -> None:

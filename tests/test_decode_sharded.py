@@ -1,6 +1,5 @@
 """The compiled decoder with the three rules, run on device meshes, gives the single-device tokens."""
 
-import jax
 import numpy as np
 import pytest
 from transformers import AutoTokenizer

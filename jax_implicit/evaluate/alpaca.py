@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from jax_implicit import convert
-from jax_implicit.evaluate import layout, records
+from jax_implicit import convert, io
+from jax_implicit.evaluate import layout
 
 GPT4 = "weighted_alpaca_eval_gpt4_turbo"
 ALPACA_EVAL_SIZE = 805
@@ -107,13 +107,31 @@ def _gpt4_judge(out: Path):
                             caching_path=out.with_name(f"{out.name}.gpt4_annotations_cache.json"))
 
 
+def _check_same_instructions(a: list[dict], b: list[dict], a_name: str, b_name: str) -> None:
+    """Both files must hold the same instructions, each once: head-to-head pairs rows by instruction."""
+    for rows, name in ((a, a_name), (b, b_name)):
+        first: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            if row["instruction"] in first:
+                raise ValueError(f"{name}: row {i} repeats the instruction of row {first[row['instruction']]}: "
+                                 f"{row['instruction'][:80]!r}")
+            first[row["instruction"]] = i
+    for (rows, name), (other, other_name) in (((a, a_name), (b, b_name)), ((b, b_name), (a, a_name))):
+        known = {r["instruction"] for r in other}
+        missing = [i for i, r in enumerate(rows) if r["instruction"] not in known]
+        if missing:
+            raise ValueError(f"outputs and references hold different instructions: {len(missing)} of the {len(rows)} "
+                             f"in {name} are not in {other_name}, first row {missing[0]}: "
+                             f"{rows[missing[0]]['instruction'][:80]!r}")
+
+
 def run(cfg) -> dict:
     kind = judge_kind(cfg.judge.kind)
     if cfg.max_instances < 0:
         raise ValueError(f"max_instances={cfg.max_instances}; use 0 for all instructions")
-    outputs = records.read_rows(cfg.outputs, ("instruction", "output"), "outputs file")
-    references = records.read_rows(cfg.references, ("instruction", "output"), "references file")
-    records.check_same_instructions(outputs, references, cfg.outputs, cfg.references)
+    outputs = io.read_rows(cfg.outputs, ("instruction", "output"), "outputs file")
+    references = io.read_rows(cfg.references, ("instruction", "output"), "references file")
+    _check_same_instructions(outputs, references, cfg.outputs, cfg.references)
     by_instruction = {r["instruction"]: r for r in references}
     references = [by_instruction[r["instruction"]] for r in outputs]  # same order: max_instances takes the same rows
     name = cfg.name or outputs[0].get("generator") or Path(cfg.outputs).stem
@@ -135,7 +153,7 @@ def run(cfg) -> dict:
         result.update(judge=judge_label, judge_kind=kind, comparable_with_gpt4=kind == "gpt4",
                       eval_set=cfg.eval_set, lc_missing_reason=lc_reason,
                       outputs=str(cfg.outputs), references=str(cfg.references))
-        records.write_json(tmp / layout.RESULT, result)
+        io.write_json(tmp / layout.RESULT, result)
     print(report(result, out))
     return result
 

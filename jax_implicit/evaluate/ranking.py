@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_implicit import prompts
-from jax_implicit.evaluate import layout, records, scoring
+from jax_implicit import io, prompts
+from jax_implicit.evaluate import layout, scoring
 
 
 def load_examples(source: str, n: int) -> list[dict]:
     """The first `n` rows with `instruction`, `output` (and optional `input`): a local JSON/JSONL file or a dataset id."""
     if Path(source).exists() or Path(source).suffix in (".json", ".jsonl"):
-        rows = records.read_rows(source, ("instruction", "output"), "ranking data")[:n]
+        rows = io.read_rows(source, ("instruction", "output"), "ranking data")[:n]
     else:
         import datasets
 
@@ -93,7 +93,7 @@ def run(cfg) -> dict:
     result = rank(decoder, tokenizer, rows, k=cfg.k, seed=cfg.seed, tag_set=cfg.tag_set,
                   max_seq_length=cfg.max_seq_length, batch_tokens=cfg.batch_tokens)
     result.update(model=str(cfg.model.path), data=str(cfg.data))
-    records.write_json(out, result)
+    io.write_json(out, result)
     print(f"response ranking capability of {cfg.model.path}: {result['fraction']:.4f} "
           f"({result['n_examples']} examples x {cfg.k} random responses, seed {cfg.seed}) -> {out}")
     return result

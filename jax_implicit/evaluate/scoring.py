@@ -8,7 +8,6 @@ whole dataset costs one compilation per bucket used.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import jax
@@ -27,9 +26,7 @@ def load(model_cfg, mesh_cfg=None) -> tuple[M.Decoder, object]:
     parameters are read straight into their shards on that mesh (large models on TPU/GPU hosts)."""
     from transformers import AutoTokenizer
 
-    path = Path(model_cfg.path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={str(path)!r} is not an HF model folder (no config.json)")
+    path = convert.model_dir(model_cfg.path)
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path)
     kw = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype)
     if mesh_cfg is None:

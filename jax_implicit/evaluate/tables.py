@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_implicit.evaluate import layout, records
+from jax_implicit import io
+from jax_implicit.evaluate import layout
 
 MISSING = "–"
 RAW = "†"
@@ -93,7 +94,7 @@ def report(cfg) -> str:
 
 def run(cfg) -> str:
     text = report(cfg)
-    records.write_atomic(Path(cfg.out or Path(cfg.results) / "tables.md"), text)
+    io.write_atomic(Path(cfg.out or Path(cfg.results) / "tables.md"), text)
     print(text)
     return text
 
