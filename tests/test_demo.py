@@ -1,7 +1,6 @@
 """The main job on a tiny configuration, through the same code path as `make demo`."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -9,16 +8,6 @@ import pytest
 from jax_implicit import demo, demo_report, io
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_long_context(tiny_smol_dir, tmp_path_factory) -> Path:
-    """The tiny SmolLM2-vocabulary model with a context long enough for the judge's prompt (RoPE has no
-    learned positions, so only the declared limit changes)."""
-    path = shutil.copytree(tiny_smol_dir, tmp_path_factory.mktemp("tiny") / "model")
-    cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 2048}))
-    return path
 
 
 def tiny_config(model: Path, tmp_path: Path):

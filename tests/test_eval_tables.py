@@ -19,18 +19,18 @@ RANK = {"llama2-7b": [0.91, 0.93], "olmo-7b": [0.88, 0.90]}
 def write_results(root):
     for base, values in LC.items():
         for seed, v in enumerate(values, start=1):
-            path = layout.seed_dir(root, base, "response", seed) / "alpaca_eval" / GPT4 / layout.RESULT
+            path = layout.seed_dir(root, base, "response_10ep", seed) / "alpaca_eval" / GPT4 / layout.RESULT
             path.parent.mkdir(parents=True)
             path.write_text(json.dumps({"win_rate": v - 5, "length_controlled_winrate": v, "judge": "GPT-4 (x)"}))
     for base, values in RAW.items():
         for seed, v in enumerate(values, start=1):
-            path = layout.seed_dir(root, base, "response", seed) / "alpaca_eval" / GPT4 / layout.RESULT
+            path = layout.seed_dir(root, base, "response_10ep", seed) / "alpaca_eval" / GPT4 / layout.RESULT
             path.parent.mkdir(parents=True)
             path.write_text(json.dumps({"win_rate": v, "length_controlled_winrate": None, "judge": "GPT-4 (x)",
                                         "lc_missing_reason": "offline"}))
     for base, values in RANK.items():
         for seed, v in enumerate(values, start=1):
-            path = layout.seed_dir(root, base, "instruction", seed) / layout.RANKING
+            path = layout.seed_dir(root, base, "instruction_10ep", seed) / layout.RANKING
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"fraction": v}))
     # a result of another judge must not leak into the GPT-4 tables

@@ -91,7 +91,7 @@ def test_launch_bad_arguments():
     assert proc.returncode == 2 and "unknown option --nodes" in proc.stderr
     proc = subprocess.run([str(ROOT / "launch" / "gpu_host.sh"), "--dry-run", "--config.train.epochs=1"],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "first train argument must be --config=" in proc.stderr
+    assert proc.returncode == 2 and "first command argument must be --config=" in proc.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run([str(ROOT / "launch" / "slurm.sbatch"), "--dry-run", *TRAIN], capture_output=True,
                           text=True, cwd=ROOT, env=env)

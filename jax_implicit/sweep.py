@@ -1,0 +1,176 @@
+"""The paper's full sweep for one base model, in one command, through the launch scripts.
+
+    python -m jax_implicit.sweep --config=configs/sweep.py:llama2_7b --config.launcher=gpu_host
+    python -m jax_implicit.evaluate.tables --config=configs/eval/tables.py:10 --config.judge=...   # printed at the end
+
+Every tuning run (task x epochs x seed, configs/train/paper.py) trains through `launch/<launcher>`
+on all its hosts; greedy outputs (jax_implicit.generate), AlpacaEval head-to-heads against the
+instruction-tuned model of the same seed (evaluate.alpaca) and response ranking (evaluate.ranking)
+run through the same launcher as one process. They write the results layout (evaluate/layout.py)
+that `evaluate.tables` reads:
+
+    results/<base>/<method>/outputs/<eval_set>.json                 base model, base x rules (no training)
+    results/<base>/<method>_<E>ep/seed<N>/outputs/<eval_set>.json   tuned models
+    results/<base>/<method>[_<E>ep]/seed<N>/<eval_set>/<judge>/result.json, ranking.json
+
+A step whose product file already exists here is skipped, so running the same command again resumes
+an interrupted sweep (on tpu_pod the products live on worker 0: run the sweep from there to resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from jax_implicit import io
+from jax_implicit.evaluate import alpaca, layout
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHERS = {"gpu_host": "launch/gpu_host.sh", "tpu_pod": "launch/tpu_pod.sh", "slurm": "launch/slurm.sbatch"}
+LIMA_TASKS = ("instruction", "response")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One command of the sweep and the file that exists once it has run."""
+
+    module: str
+    args: tuple[str, ...]
+    product: Path
+
+
+def method(task: str, epochs: int | None = None) -> str:
+    """The results folder of a tuning task (`response_10ep`, `single_task_gsm8k_10ep`) or a decoding variant."""
+    name = task if task in LIMA_TASKS else f"single_task_{task}"
+    return name if epochs is None else f"{name}_{epochs}ep"
+
+
+def rules_method(variant: str) -> str:
+    """configs/generate.py's variants as results folders: "" -> rules, no_eos -> rules_no_eos, no_rules -> base."""
+    return {"": "rules", "no_rules": "base"}.get(variant, f"rules_{variant}")
+
+
+def _overrides(**values) -> tuple[str, ...]:
+    return tuple(f"--config.{k.replace('__', '.')}={v}" for k, v in values.items())
+
+
+def judge(cfg: ConfigDict) -> tuple[str, str]:
+    """The judge kind the sweep's head-to-heads use and their folder in the results layout."""
+    kind = alpaca.judge_kind(cfg.judge)
+    defaults = io.load_config_file(ROOT / "configs" / "eval" / "alpaca.py")
+    if cfg.judge_model:
+        defaults.judge.model.path = cfg.judge_model
+    return kind, alpaca.judge_names(defaults, kind)[0]
+
+
+def plan(cfg: ConfigDict) -> list[Step]:
+    """Every step of the sweep in an order where each one's inputs come from earlier steps."""
+    paper = ROOT / "configs" / "train" / "paper.py"
+    for name in ("epochs", "seeds", "tasks", "eval_sets"):
+        if not cfg[name]:
+            raise ValueError(f"sweep.{name} is empty")
+    train_cfg = {(t, e, s): io.load_config_file(paper, f"{cfg.model},{t},{e},seed{s}")
+                 for t in cfg.tasks for e in cfg.epochs for s in cfg.seeds}  # also checks every name
+    model_path = cfg.model_path or next(iter(train_cfg.values())).model.path
+    kind, folder = judge(cfg)
+    judge_model = {"judge__model__path": cfg.judge_model} if cfg.judge_model else {}
+    results = Path(cfg.results)
+
+    def seed_dir(m: str, seed: int) -> Path:
+        return layout.seed_dir(results, cfg.base, m, seed)
+
+    def outputs(m: str, seed: int | None, eval_set: str) -> Path:
+        return (results / cfg.base / m if seed is None else seed_dir(m, seed)) / "outputs" / f"{eval_set}.json"
+
+    def generate(m: str, seed: int | None, path: str, variant: str) -> list[Step]:
+        spec = "--config=configs/generate.py" + (f":{variant}" if variant else "")
+        return [Step("jax_implicit.generate", (spec, *_overrides(
+            model__path=path, data__instructions=s, generator=f"{cfg.base}-{m}", output=outputs(m, seed, s)),
+            *shlex.split(cfg.extra.generate)), outputs(m, seed, s)) for s in cfg.eval_sets]
+
+    def judged(m: str, seed: int, outs_seed: int | None) -> list[Step]:
+        ref = method("instruction", cfg.reference_epochs)
+        return [Step("jax_implicit.evaluate.alpaca", ("--config=configs/eval/alpaca.py", *_overrides(
+            outputs=outputs(m, outs_seed, s), references=outputs(ref, seed, s), eval_set=s, judge__kind=kind,
+            **judge_model, run__results=results, run__base=cfg.base, run__method=m, run__seed=seed),
+            *shlex.split(cfg.extra.alpaca)), seed_dir(m, seed) / s / folder / layout.RESULT) for s in cfg.eval_sets]
+
+    def ranked(m: str, seed: int, path: str) -> Step:
+        return Step("jax_implicit.evaluate.ranking", ("--config=configs/eval/ranking.py", *_overrides(
+            model__path=path, data=cfg.ranking_data, seed=seed, run__results=results, run__base=cfg.base,
+            run__method=m, run__seed=seed), *shlex.split(cfg.extra.ranking)), seed_dir(m, seed) / layout.RANKING)
+
+    def tuned(task: str, epochs: int, seed: int) -> list[Step]:
+        m = method(task, epochs)
+        out = Path(cfg.runs) / Path(train_cfg[task, epochs, seed].train.out_dir).name
+        hf = out / "hf"
+        path = {"model__path": cfg.model_path} if cfg.model_path else {}
+        train = Step("jax_implicit.train", (f"--config=configs/train/paper.py:{cfg.model},{task},{epochs},seed{seed}",
+                                            *_overrides(train__out_dir=out, **path), *shlex.split(cfg.extra.train)),
+                     hf / "config.json")  # written last, by the HF export
+        steps = [train, *generate(m, seed, str(hf), "no_rules"), ranked(m, seed, str(hf))]
+        is_reference = task == "instruction" and epochs == cfg.reference_epochs
+        return steps if is_reference else steps + judged(m, seed, seed)
+
+    if "instruction" not in cfg.tasks or cfg.reference_epochs not in cfg.epochs:
+        raise ValueError(f"the sweep judges every model against instruction tuning for {cfg.reference_epochs} epochs "
+                         f"(sweep.reference_epochs): keep 'instruction' in sweep.tasks and {cfg.reference_epochs} "
+                         "in sweep.epochs")
+    steps = [s for seed in cfg.seeds for s in tuned("instruction", cfg.reference_epochs, seed)]
+    for variant in ("no_rules", *cfg.rules):
+        m = rules_method(variant)
+        steps += generate(m, None, model_path, variant)
+        steps += [s for seed in cfg.seeds for s in judged(m, seed, None)]
+    steps += [ranked("base", seed, model_path) for seed in cfg.seeds]
+    for task in cfg.tasks:
+        for epochs in cfg.epochs:
+            if not (task == "instruction" and epochs == cfg.reference_epochs):
+                steps += [s for seed in cfg.seeds for s in tuned(task, epochs, seed)]
+    return steps
+
+
+def command(cfg: ConfigDict, step: Step, first: bool) -> list[str]:
+    """The launcher call that runs one step."""
+    if cfg.launcher not in LAUNCHERS:
+        raise ValueError(f"sweep.launcher={cfg.launcher!r}; expected one of {sorted(LAUNCHERS)}")
+    setup = [] if cfg.setup and first else ["--skip-setup"]
+    return ["bash", LAUNCHERS[cfg.launcher], *setup, *shlex.split(cfg.launcher_args), f"--module={step.module}",
+            *map(str, step.args)]
+
+
+def tables_command(cfg: ConfigDict) -> str:
+    return shlex.join([".venv/bin/python", "-m", "jax_implicit.evaluate.tables",
+                       f"--config=configs/eval/tables.py:{cfg.reference_epochs}", f"--config.results={cfg.results}",
+                       f"--config.judge={judge(cfg)[1]}", f"--config.seeds={len(cfg.seeds)}"])
+
+
+def run(cfg: ConfigDict) -> list[Step]:
+    """Run (or with `dry_run` print) every step not done yet; returns the steps that were run or printed."""
+    steps = plan(cfg)
+    todo = [s for s in steps if not (ROOT / s.product).is_file()]  # relative paths are the checkout's
+    print(f"sweep {cfg.model}: {len(steps)} steps, {len(steps) - len(todo)} already done, {len(todo)} to run",
+          flush=True)
+    for i, step in enumerate(todo):
+        argv = command(cfg, step, first=i == 0)
+        if cfg.dry_run:
+            print(shlex.join(argv))
+            continue
+        print(f"\n[{i + 1}/{len(todo)}] {shlex.join(argv)}", flush=True)
+        start = time.perf_counter()
+        subprocess.run(argv, cwd=ROOT, check=True)
+        if not (ROOT / step.product).is_file():
+            raise RuntimeError(f"step {i + 1} finished without writing {step.product}")
+        print(f"[{i + 1}/{len(todo)}] done in {time.perf_counter() - start:.0f} s -> {step.product}", flush=True)
+    print(f"\ntables: {tables_command(cfg)}")
+    return todo
+
+
+if __name__ == "__main__":
+    from jax_implicit.evaluate import cli
+
+    cli.main(run, "configs/sweep.py")
