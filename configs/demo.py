@@ -30,8 +30,8 @@ def get_config(model: str = "gemma") -> ConfigDict:
     c.instructions = 56  # the paper's validation set has 56
     c.max_new_tokens = 64
     c.side_by_side = 4  # instructions shown in full in the report
-    c.tune = ConfigDict(dict(examples=64, max_seq_length=128, epochs=1, global_batch=16, micro_batch=8, lr=5e-5))
-    c.ranking = ConfigDict(dict(examples=8, k=5, seed=0, max_seq_length=512))
+    c.tune = ConfigDict(dict(examples=64, max_seq_length=96, epochs=1, global_batch=16, micro_batch=8, lr=5e-5))
+    c.ranking = ConfigDict(dict(examples=6, k=5, seed=0, max_seq_length=256))
     c.judged = 8  # instructions per head-to-head (both output orders each)
     c.work = "checkpoints/demo"  # model outputs, the tuning run and its HF export
     c.report = "reports/demo"

@@ -46,15 +46,18 @@ def check_lengths(seqs: Sequence[Sequence[int]], max_len: int, what: str) -> Non
             raise ValueError(f"{what} {i} is {len(s)} tokens, longer than the model's context of {max_len}")
 
 
-def _batches(lengths: np.ndarray, batch_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(bucket length, row indices) per batch: rows sorted by length, at most batch_tokens // length rows."""
+def _batches(lengths: np.ndarray, batch_tokens: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(bucket length, padded rows, row indices) per batch: rows sorted by length, at most
+    batch_tokens // length of them. A bucket's last batch is padded only up to a power of two rows:
+    shapes stay few, and a bucket of 3 rows does not pay for 64 rows of padding."""
     order = np.argsort(lengths, kind="stable")
     buckets = np.array([bucket_length(int(n)) for n in lengths[order]])
     for width in np.unique(buckets):
         rows = order[buckets == width]
         per = max(1, batch_tokens // int(width))
         for start in range(0, len(rows), per):
-            yield int(width), rows[start:start + per]
+            chunk = rows[start:start + per]
+            yield int(width), min(per, 1 << (len(chunk) - 1).bit_length()), chunk
 
 
 def _pad(seqs: Sequence[Sequence[int]], rows: np.ndarray, width: int, n_rows: int,
@@ -96,8 +99,8 @@ def continuation_logprobs(decoder: M.Decoder, seqs: Sequence[Sequence[int]], sta
     check_lengths(seqs, decoder.cfg.max_position_embeddings, "sequence")
     lengths = np.array([len(s) for s in seqs])
     total, count = np.zeros(len(seqs)), np.zeros(len(seqs), np.int64)
-    for width, rows in tqdm(list(_batches(lengths, batch_tokens)), desc=desc, unit="batch"):
-        s, c = _continuation(decoder, *_pad(seqs, rows, width, max(1, batch_tokens // width), starts))
+    for width, n_rows, rows in tqdm(list(_batches(lengths, batch_tokens)), desc=desc, unit="batch"):
+        s, c = _continuation(decoder, *_pad(seqs, rows, width, n_rows, starts))
         total[rows], count[rows] = np.asarray(s)[:len(rows)], np.asarray(c)[:len(rows)]
     return total, count
 
@@ -109,7 +112,7 @@ def next_token_logprobs(decoder: M.Decoder, seqs: Sequence[Sequence[int]], candi
     lengths = np.array([len(s) for s in seqs])
     out = np.zeros((len(seqs), len(candidates)))
     cand = jnp.asarray(list(candidates), jnp.int32)
-    for width, rows in tqdm(list(_batches(lengths, batch_tokens)), desc=desc, unit="batch"):
-        ids, mask, _ = _pad(seqs, rows, width, max(1, batch_tokens // width))
+    for width, n_rows, rows in tqdm(list(_batches(lengths, batch_tokens)), desc=desc, unit="batch"):
+        ids, mask, _ = _pad(seqs, rows, width, n_rows)
         out[rows] = np.asarray(_next_token(decoder, ids, mask, cand))[:len(rows)]
     return out
