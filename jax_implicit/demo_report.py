@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from jax_implicit import convert, io
+from jax_implicit import convert, io, prompts
 
 FILES = ("summary.md", "side_by_side.md", "results.json", "loss.png", "win_rates.png", "ranking.png")
 
@@ -22,23 +22,31 @@ def _bar_png(path: Path, labels: list[str], values: list[float], ylabel: str, ti
     io.save_figure(fig, path)
 
 
-def _words(path: Path) -> tuple[list[dict], float]:
+def echoes_prompt(instruction: str, output: str) -> bool:
+    """The base-model habit the paper starts from: continuing the prompt (restating the instruction, or
+    writing the next chat tag) instead of answering it. A judge-free signal next to the small judge."""
+    return instruction.strip()[:40] in output or any(tag in output for tag in prompts.tags("user_assistant"))
+
+
+def _answers(path: Path) -> tuple[list[dict], float, float]:
+    """The rows of an outputs file, their mean length in words and the fraction that echo the prompt."""
     rows = json.loads(Path(path).read_text())
-    return rows, sum(len(r["output"].split()) for r in rows) / len(rows)
+    words = sum(len(r["output"].split()) for r in rows) / len(rows)
+    return rows, words, sum(echoes_prompt(r["instruction"], r["output"]) for r in rows) / len(rows)
 
 
 def write(out: Path, *, cfg, data_note: str, model_dir: Path, outputs: dict[str, Path], tuned, ranks: dict,
           judged: dict, export_diff: float, stage_seconds: dict[str, float], total_seconds: float) -> dict:
     """Write the report folder atomically; returns the results it shows."""
-    rows, words = {}, {}
+    rows, words, echoes = {}, {}, {}
     for name, path in outputs.items():
-        rows[name], words[name] = _words(path)
+        rows[name], words[name], echoes[name] = _answers(path)
     judge_label = next(iter(judged.values()))["judge"]
     lc_note = next(iter(judged.values()))["lc_missing_reason"]
     results = dict(
         model=str(model_dir), data=data_note, judge=judge_label, total_seconds=round(total_seconds, 1),
         stage_seconds={k: round(v, 1) for k, v in stage_seconds.items()},
-        variants={name: dict(mean_words=round(words[name], 1),
+        variants={name: dict(mean_words=round(words[name], 1), echoes_prompt=round(echoes[name], 3),
                              win_rate_vs_base=judged[name]["win_rate"] if name in judged else None,
                              n_judged=judged[name]["n"] if name in judged else None,
                              ranking=ranks[name]["fraction"] if name in ranks else None)
@@ -61,11 +69,11 @@ def write(out: Path, *, cfg, data_note: str, model_dir: Path, outputs: dict[str,
 
 
 def terminal_table(results: dict) -> str:
-    lines = [f"\n{'variant':<16}{'mean words':>12}{'win rate vs base':>18}{'ranking':>10}"]
+    lines = [f"\n{'variant':<16}{'mean words':>12}{'echoes prompt':>15}{'win rate vs base':>18}{'ranking':>10}"]
     for name, v in results["variants"].items():
         win = "-" if v["win_rate_vs_base"] is None else f"{v['win_rate_vs_base']:.1f}%"
         rank = "-" if v["ranking"] is None else f"{v['ranking']:.3f}"
-        lines.append(f"{name:<16}{v['mean_words']:>12.1f}{win:>18}{rank:>10}")
+        lines.append(f"{name:<16}{v['mean_words']:>12.1f}{v['echoes_prompt']:>15.0%}{win:>18}{rank:>10}")
     lines += [f"judge: {results['judge']}",
               f"tuning: {results['tuning']['steps']} steps on {results['tuning']['examples']} examples, "
               f"final loss {results['tuning']['final_loss']:.3f}; export reload max |dlogit| "
@@ -75,11 +83,12 @@ def terminal_table(results: dict) -> str:
 
 
 def _summary(cfg, r: dict) -> str:
-    table = ["| variant | mean words | win rate vs base | response ranking |", "|---|---:|---:|---:|"]
+    table = ["| variant | mean words | echoes the prompt | win rate vs base | response ranking |",
+             "|---|---:|---:|---:|---:|"]
     for name, v in r["variants"].items():
         win = "–" if v["win_rate_vs_base"] is None else f"{v['win_rate_vs_base']:.1f}% (n={v['n_judged']})"
         rank = "–" if v["ranking"] is None else f"{v['ranking']:.3f}"
-        table.append(f"| {name} | {v['mean_words']:.1f} | {win} | {rank} |")
+        table.append(f"| {name} | {v['mean_words']:.1f} | {v['echoes_prompt']:.0%} | {win} | {rank} |")
     stages = "\n".join(f"| {k} | {v:.0f} s |" for k, v in r["stage_seconds"].items())
     t = r["tuning"]
     return f"""# jax_implicit demo
@@ -92,8 +101,10 @@ Model: `{r['model']}`. Data: {r['data']}.
 
 - Greedy answers to {cfg.instructions} of the paper's validation instructions, at most {cfg.max_new_tokens} new
   tokens each (answers that run longer are cut there).
-- Head-to-head judge: **{r['judge']}**. These win rates are *not comparable* with the paper's
-  GPT-4 (AlpacaEval 2) numbers: a small local model judges, on {cfg.judged} validation instructions.
+- Echoes the prompt: answers that restate their instruction (its first 40 characters) or write a
+  chat tag, i.e. continue the prompt instead of answering it; no judge involved.
+- Head-to-head judge: **{r['judge']}**, on {cfg.judged} validation instructions, each pair in both
+  orders. A small local model judges: these win rates cannot be set beside the paper's GPT-4 ones.
 - Length-controlled win rate: {r['length_controlled'] or 'computed by alpaca_eval'}.
 - Response ranking: fraction of (real - random) score differences above 0, the first {cfg.ranking.examples}
   examples without an input passage x {cfg.ranking.k} random responses (seed {cfg.ranking.seed}); 0.5 is chance.

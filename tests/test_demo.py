@@ -31,6 +31,8 @@ def test_demo_writes_every_report_file(tiny_long_context, shared, tmp_path, caps
         assert results["variants"][name]["n_judged"] == 3
     for name in ("base", "response-tuned"):
         assert 0.0 <= results["variants"][name]["ranking"] <= 1.0
+    for name in demo.VARIANTS:
+        assert 0.0 <= results["variants"][name]["echoes_prompt"] <= 1.0
     assert results["tuning"]["steps"] == 2 and results["tuning"]["examples"] == 8
     assert results["export_max_abs_logit_diff"] < 1e-3
     assert "not comparable" in (report / "summary.md").read_text()
@@ -39,6 +41,13 @@ def test_demo_writes_every_report_file(tiny_long_context, shared, tmp_path, caps
     assert side.count("**base+rules**") == 2
     assert "win rate vs base" in capsys.readouterr().out
     assert str(shared / "data") in results["data"]
+
+
+def test_echoes_prompt():
+    instruction = "Give me a recipe for tiramisu. Use mascarpone."
+    assert demo_report.echoes_prompt(instruction, "Sure.\nGive me a recipe for tiramisu. Use mascarpone, please")
+    assert demo_report.echoes_prompt(instruction, "Ladyfingers, coffee.\n<|user|>\nThanks")
+    assert not demo_report.echoes_prompt(instruction, "Soak ladyfingers in coffee, layer with mascarpone cream.")
 
 
 def test_missing_data_folder_is_named(tmp_path):
