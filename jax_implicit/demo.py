@@ -144,7 +144,7 @@ def run(cfg: ConfigDict) -> Path:
     start = time.perf_counter()
     sources, data_note = data_sources(cfg.data_dir)
     print(f"data: {data_note}")
-    stages = Stages(total=9)
+    stages = Stages(total=10)
     model_dir = stages("model: convert the real weights into checkpoints/", convert.model_dir, cfg.model.path)
     M.from_hf_config(model_dir)  # an unsupported model fails here, before anything compiles
     outs = {"base": stages("greedy answers (base)", _generate, cfg, model_dir, False, "base", sources["val"]),
@@ -160,7 +160,6 @@ def run(cfg: ConfigDict) -> Path:
                                       "response-tuned")}
     judged = {v: stages(f"head-to-head: {v} vs base (local judge)", _judge, cfg, outs[v], outs["base"], v)
               for v in ("base+rules", "response-tuned")}
-    stages.total += 1
     export_diff = stages("export check: reload the tuned HF export with transformers", _check_export,
                          tuned.hf_dir, prompts.generation_prompt("Name three colours."))
     report = demo_report.write(Path(cfg.report), cfg=cfg, data_note=data_note, model_dir=model_dir, outputs=outs,

@@ -32,7 +32,6 @@ from jax_implicit.evaluate import alpaca, layout
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = {"gpu_host": "launch/gpu_host.sh", "tpu_pod": "launch/tpu_pod.sh", "slurm": "launch/slurm.sbatch"}
-LIMA_TASKS = ("instruction", "response")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +41,6 @@ class Step:
     module: str
     args: tuple[str, ...]
     product: Path
-
-
-def method(task: str, epochs: int | None = None) -> str:
-    """The results folder of a tuning task (`response_10ep`, `single_task_gsm8k_10ep`) or a decoding variant."""
-    name = task if task in LIMA_TASKS else f"single_task_{task}"
-    return name if epochs is None else f"{name}_{epochs}ep"
-
-
-def rules_method(variant: str) -> str:
-    """configs/generate.py's variants as results folders: "" -> rules, no_eos -> rules_no_eos, no_rules -> base."""
-    return {"": "rules", "no_rules": "base"}.get(variant, f"rules_{variant}")
 
 
 def _overrides(**values) -> tuple[str, ...]:
@@ -94,7 +82,7 @@ def plan(cfg: ConfigDict) -> list[Step]:
             *shlex.split(cfg.extra.generate)), outputs(m, seed, s)) for s in cfg.eval_sets]
 
     def judged(m: str, seed: int, outs_seed: int | None) -> list[Step]:
-        ref = method("instruction", cfg.reference_epochs)
+        ref = layout.method("instruction", cfg.reference_epochs)
         return [Step("jax_implicit.evaluate.alpaca", ("--config=configs/eval/alpaca.py", *_overrides(
             outputs=outputs(m, outs_seed, s), references=outputs(ref, seed, s), eval_set=s, judge__kind=kind,
             **judge_model, run__results=results, run__base=cfg.base, run__method=m, run__seed=seed),
@@ -106,7 +94,7 @@ def plan(cfg: ConfigDict) -> list[Step]:
             run__method=m, run__seed=seed), *shlex.split(cfg.extra.ranking)), seed_dir(m, seed) / layout.RANKING)
 
     def tuned(task: str, epochs: int, seed: int) -> list[Step]:
-        m = method(task, epochs)
+        m = layout.method(task, epochs)
         out = Path(cfg.runs) / Path(train_cfg[task, epochs, seed].train.out_dir).name
         hf = out / "hf"
         path = {"model__path": cfg.model_path} if cfg.model_path else {}
@@ -123,7 +111,7 @@ def plan(cfg: ConfigDict) -> list[Step]:
                          "in sweep.epochs")
     steps = [s for seed in cfg.seeds for s in tuned("instruction", cfg.reference_epochs, seed)]
     for variant in ("no_rules", *cfg.rules):
-        m = rules_method(variant)
+        m = layout.rules_method(variant)
         steps += generate(m, None, model_path, variant)
         steps += [s for seed in cfg.seeds for s in judged(m, seed, None)]
     steps += [ranked("base", seed, model_path) for seed in cfg.seeds]

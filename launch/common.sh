@@ -10,7 +10,7 @@ set -euo pipefail
 DRY_RUN=0
 SKIP_SETUP=0
 MODULE=jax_implicit.train
-TRAIN_ARGS=()
+CMD_ARGS=()
 declare -A OPTS=()
 PYTHON=.venv/bin/python
 
@@ -28,7 +28,7 @@ quote() {
 # run ARGS...: print the command (dry run) or run it.
 run() { if (( DRY_RUN )); then quote "$@"; echo; else "$@"; fi; }
 
-# parse_args ALLOWED_KEYS... -- "$@": fills OPTS, TRAIN_ARGS, MODULE, DRY_RUN, SKIP_SETUP.
+# parse_args ALLOWED_KEYS... -- "$@": fills OPTS, CMD_ARGS, MODULE, DRY_RUN, SKIP_SETUP.
 parse_args() {
   local allowed=() a
   while [[ $1 != -- ]]; do allowed+=("$1"); shift; done
@@ -40,7 +40,7 @@ parse_args() {
       --module=*)
         MODULE=${a#*=}
         [[ $MODULE =~ ^jax_implicit(\.[a-z_]+)+$ ]] || die "--module=$MODULE: expected jax_implicit.<command>" ;;
-      --config=* | --config.*=*) TRAIN_ARGS+=("$a") ;;
+      --config=* | --config.*=*) CMD_ARGS+=("$a") ;;
       --*=*)
         local key=${a%%=*}; key=${key#--}
         [[ " ${allowed[*]} " == *" $key "* ]] || die "unknown option --$key (known: ${allowed[*]/#/--}, --dry-run, --skip-setup, --module=..., --config=...)"
@@ -48,15 +48,15 @@ parse_args() {
       *) die "unexpected argument '$a': options are --key=value; command arguments start with --config" ;;
     esac
   done
-  [[ ${#TRAIN_ARGS[@]} -gt 0 && ${TRAIN_ARGS[0]} == --config=* ]] \
-    || die "the first command argument must be --config=configs/... (got: ${TRAIN_ARGS[*]:-nothing})"
+  [[ ${#CMD_ARGS[@]} -gt 0 && ${CMD_ARGS[0]} == --config=* ]] \
+    || die "the first command argument must be --config=configs/... (got: ${CMD_ARGS[*]:-nothing})"
 }
 
 # require KEY...: options without a default.
 require() { local k; for k in "$@"; do [[ -n ${OPTS[$k]:-} ]] || die "--$k=... is required"; done; }
 
 # The command every script ends with (train by default).
-module_command() { printf '%s' "$(quote "$PYTHON" -m "$MODULE" "${TRAIN_ARGS[@]}")"; }
+module_command() { printf '%s' "$(quote "$PYTHON" -m "$MODULE" "${CMD_ARGS[@]}")"; }
 
 # single_process: true for every command but training (one process per host, joined by jax.distributed).
 single_process() { [[ $MODULE != jax_implicit.train ]]; }

@@ -11,4 +11,4 @@ parse_args mem-fraction -- "$@"
 if (( ! SKIP_SETUP )); then
   run bash -c "$(setup_command 'jax[cuda12]')"
 fi
-run env XLA_PYTHON_CLIENT_MEM_FRACTION="${OPTS[mem-fraction]:-0.95}" "$PYTHON" -m "$MODULE" "${TRAIN_ARGS[@]}"
+run env XLA_PYTHON_CLIENT_MEM_FRACTION="${OPTS[mem-fraction]:-0.95}" "$PYTHON" -m "$MODULE" "${CMD_ARGS[@]}"

@@ -7,18 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from ml_collections import ConfigDict
 
 from configs.eval import tables as tables_config
-from jax_implicit import io, sweep
+from jax_implicit import io, sweep, train
 from jax_implicit.evaluate import layout
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def flat_keys(cfg: ConfigDict, prefix: str = "") -> set[str]:
-    return {k for key, v in cfg.items()
-            for k in (flat_keys(v, f"{prefix}{key}.") if isinstance(v, ConfigDict) else {f"{prefix}{key}"})}
 
 
 def flags(step: sweep.Step) -> dict[str, str]:
@@ -37,7 +31,7 @@ def test_paper_sweep_plan(monkeypatch):
     for step in steps:
         spec = step.args[0].removeprefix("--config=")
         path, _, arg = spec.partition(":")
-        keys = flat_keys(io.load_config_file(ROOT / path, arg or None))
+        keys = set(train._flat_keys(io.load_config_file(ROOT / path, arg or None)))
         assert set(flags(step)) <= keys, (step.module, set(flags(step)) - keys)
 
     # every input is a product of an earlier step, or the base model

@@ -8,7 +8,7 @@ argument E (default 10) picks which; the base model and the rules were not train
 
 from ml_collections import ConfigDict
 
-from jax_implicit.sweep import method
+from jax_implicit.evaluate.layout import method
 
 
 def get_config(epochs: str = "10") -> ConfigDict:
