@@ -25,7 +25,7 @@ def get_config(model: str = "gemma") -> ConfigDict:
     c.model = config.model(path=MODELS[model])
     # The judge must follow instructions itself, so it stays the instruction-tuned SmolLM2 whatever is tested.
     c.judge_model = config.model(path=config.SMOLLM2)
-    # Data: "" tries $JAX_IMPLICIT_DATA, then ../shared/data, then the public dataset ids (online).
+    # Data: "" tries $JAX_IMPLICIT_DATA, then the repository's data/ folder, then the public dataset ids (online).
     c.data_dir = ""
     c.instructions = 56  # the paper's validation set has 56
     c.max_new_tokens = 64

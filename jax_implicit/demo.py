@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 
 from jax_implicit import convert, io, prompts
 
-# Local files under a data folder, by role (the layout of ../shared/data).
+# Local files under a data folder, by role (the layout of data/).
 LOCAL = {"val": "val_eval/val.jsonl", "lima": "lima/lima_data.jsonl", "ranking": "dolly/dolly_train.json"}
 # The public ids used when no data folder exists (online).
 PUBLIC = {"val": "val", "lima": "", "ranking": "tatsu-lab/alpaca"}

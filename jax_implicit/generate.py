@@ -18,7 +18,7 @@ from ml_collections import ConfigDict, config_flags
 from jax_implicit import io
 
 VAL_URL = "https://raw.githubusercontent.com/john-hewitt/implicit-ins/main/eval/val_eval/val.jsonl"
-# dataset name -> its file in the local data folder (../shared/data), and how to fetch the public one
+# dataset name -> its file in the local data folder (data/), and how to fetch the public one
 LOCAL = {"val": "val_eval/val.jsonl", "alpaca_eval": "alpaca_eval/alpaca_eval.json"}
 PUBLIC = {"val": lambda: _hf_rows("json", data_files=VAL_URL, split="train"),
           "alpaca_eval": lambda: _hf_rows("tatsu-lab/alpaca_eval", "alpaca_eval", split="eval")}

@@ -14,13 +14,13 @@ from typing import Sequence
 from ml_collections import ConfigDict
 
 DATA_ENV = "JAX_IMPLICIT_DATA"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside a checkout
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"  # the data/ folder shipped with the repository
 
 
 def data_folder(flag: str = "") -> tuple[Path | None, str]:
     """The local data folder to read instead of public dataset ids, and how it was chosen.
 
-    Order: an explicit flag, then $JAX_IMPLICIT_DATA, then ../shared/data beside the checkout; None
+    Order: an explicit flag, then $JAX_IMPLICIT_DATA, then the repository's data/ folder; None
     means "use the public ids" (online). A folder that was asked for but does not exist is an error.
     """
     for value, how in ((flag, "given by flag"), (os.environ.get(DATA_ENV, ""), f"from ${DATA_ENV}")):
@@ -28,8 +28,8 @@ def data_folder(flag: str = "") -> tuple[Path | None, str]:
             if not Path(value).is_dir():
                 raise FileNotFoundError(f"data folder {value} ({how}) does not exist")
             return Path(value), how
-    if SHARED_DATA.is_dir():
-        return SHARED_DATA, "../shared/data beside the project"
+    if REPO_DATA.is_dir():
+        return REPO_DATA, "the repository's data/ folder"
     return None, "no local data folder"
 
 

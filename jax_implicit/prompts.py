@@ -1,4 +1,4 @@
-"""The paper's text formats, exactly as its authors' code builds them (see ../shared/data/README.md)."""
+"""The paper's text formats, exactly as its authors' code builds them (see data/README.md)."""
 
 from __future__ import annotations
 

@@ -13,17 +13,15 @@ import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+DATA = ROOT / "data"  # the real public data shipped with the repository (data/README.md)
 
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    if not (SHARED / "data").is_dir():
-        pytest.fail(f"{SHARED} is missing: tests read real data from ../shared")
-    return SHARED
+def data_dir() -> Path:
+    return DATA
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +32,10 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama2_tokenizer(shared):
+def llama2_tokenizer(data_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(shared / "tokenizers" / "llama2")
+    return AutoTokenizer.from_pretrained(data_dir / "tokenizers" / "llama2")
 
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -23,10 +23,10 @@ def cfg(name, path, mode="instruction", **kw):
     return data.data_config(name=name, path=str(path), mode=mode, **kw)
 
 
-def test_lima_response_mode_reproduces_authors_file(shared, tmp_path):
-    rows = data.load_rows(cfg("lima", shared / "data/lima/lima_data.jsonl", "response"))
+def test_lima_response_mode_reproduces_authors_file(data_dir, tmp_path):
+    rows = data.load_rows(cfg("lima", data_dir / "lima/lima_data.jsonl", "response"))
     out = data.write_jsonl(rows, tmp_path / "noins.jsonl")
-    assert out.read_bytes() == (shared / "data/lima/lima_no_instruction.jsonl").read_bytes()
+    assert out.read_bytes() == (data_dir / "lima/lima_no_instruction.jsonl").read_bytes()
 
 
 def test_response_mode_multi_turn_keeps_every_assistant_turn():
@@ -37,7 +37,7 @@ def test_response_mode_multi_turn_keeps_every_assistant_turn():
     assert row["messages"][0]["content"] == "a"  # the input row is left alone
 
 
-def test_llama2_ids_and_loss_mask_for_a_lima_example(llama2_tokenizer, shared):
+def test_llama2_ids_and_loss_mask_for_a_lima_example(llama2_tokenizer, data_dir):
     ids, loss = data.encode(LIMA_482["messages"], llama2_tokenizer, "user_assistant", 2048)
     pieces = llama2_tokenizer.convert_ids_to_tokens(ids.tolist())
     prompt = ["<s>", "▁<", "|", "user", "|", ">", "<0x0A>", "Hello", ",", "▁nice", "▁to", "▁meet", "▁you", "!",
@@ -52,7 +52,7 @@ def test_llama2_ids_and_loss_mask_for_a_lima_example(llama2_tokenizer, shared):
     # the same ids from the original SentencePiece model, independently of transformers
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(shared / "tokenizers/llama2/tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=str(data_dir / "tokenizers/llama2/tokenizer.model"))
     text = "<|user|>\nHello, nice to meet you!\n<|assistant|>\n" + LIMA_482["messages"][1]["content"]
     assert ids.tolist() == [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
 
@@ -119,17 +119,17 @@ def test_missing_field_is_reported_with_its_row(tmp_path, name, row, field):
         data.load_rows(cfg(name, path, "single_task"))
 
 
-def test_gsm8k_from_the_real_file_takes_the_first_1000_unchanged(shared):
-    rows = data.load_rows(cfg("gsm8k", shared / "data/gsm8k/train.jsonl", "single_task"))
-    raw = [json.loads(line) for line in (shared / "data/gsm8k/train.jsonl").read_text().splitlines()[:1000]]
+def test_gsm8k_from_the_real_file_takes_the_first_1000_unchanged(data_dir):
+    rows = data.load_rows(cfg("gsm8k", data_dir / "gsm8k/train.jsonl", "single_task"))
+    raw = [json.loads(line) for line in (data_dir / "gsm8k/train.jsonl").read_text().splitlines()[:1000]]
     assert len(rows) == 1000 and rows[-1]["id"] == "gsm8k_999"
     assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows] == \
         [(x["question"], x["answer"]) for x in raw]
 
 
-def test_dolly_json_list_file(shared):
-    rows = data.load_rows(cfg("dolly", shared / "data/dolly/dolly_train.json", limit=5))
-    raw = json.loads((shared / "data/dolly/dolly_train.json").read_text())[:5]
+def test_dolly_json_list_file(data_dir):
+    rows = data.load_rows(cfg("dolly", data_dir / "dolly/dolly_train.json", limit=5))
+    raw = json.loads((data_dir / "dolly/dolly_train.json").read_text())[:5]
     assert [r["messages"][1]["content"] for r in rows] == [x["output"] for x in raw]
 
 
@@ -139,8 +139,8 @@ def test_dolly_json_list_file(shared):
     (dict(mode="single_task"), "single_task"),
     (dict(tag_set="XY"), "unknown tag set"),
 ])
-def test_bad_settings(shared, kw, message):
-    settings = dict(name="lima", path=str(shared / "data/lima/lima_data.jsonl"), mode="instruction") | kw
+def test_bad_settings(data_dir, kw, message):
+    settings = dict(name="lima", path=str(data_dir / "lima/lima_data.jsonl"), mode="instruction") | kw
     with pytest.raises(ValueError, match=message):
         data.load_rows(data.data_config(**settings))
 

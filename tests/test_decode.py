@@ -73,8 +73,8 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def val(shared):
-    rows = [json.loads(line) for line in (shared / "data" / "val_eval" / "val.jsonl").read_text().splitlines()]
+def val(data_dir):
+    rows = [json.loads(line) for line in (data_dir / "val_eval" / "val.jsonl").read_text().splitlines()]
     return [rows[k]["instruction"] for k in ROWS]
 
 
@@ -269,7 +269,7 @@ def test_bad_instruction_files_are_named(tmp_path):
         generate.read_instructions(str(bad))
     with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
         generate.read_instructions(str(tmp_path / "nope.json"))
-    assert len(generate.read_instructions("val")) == 56  # the dataset name resolves to ../shared
+    assert len(generate.read_instructions("val")) == 56  # the dataset name resolves to data/val_eval/val.jsonl
 
 
 def test_bad_rule_weight_fails_before_loading_the_model(tiny_smol_dir, monkeypatch):

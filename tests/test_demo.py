@@ -20,7 +20,7 @@ def tiny_config(model: Path, tmp_path: Path):
     return cfg
 
 
-def test_demo_writes_every_report_file(tiny_long_context, shared, tmp_path, capsys):
+def test_demo_writes_every_report_file(tiny_long_context, data_dir, tmp_path, capsys):
     report = demo.run(tiny_config(tiny_long_context, tmp_path))
     for name in demo_report.FILES:
         assert (report / name).stat().st_size > 0, name
@@ -40,7 +40,7 @@ def test_demo_writes_every_report_file(tiny_long_context, shared, tmp_path, caps
     side = (report / "side_by_side.md").read_text()
     assert side.count("**base+rules**") == 2
     assert "win rate vs base" in capsys.readouterr().out
-    assert str(shared / "data") in results["data"]
+    assert str(data_dir) in results["data"]
 
 
 def test_echoes_prompt():

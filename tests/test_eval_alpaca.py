@@ -89,14 +89,14 @@ def fake_gpt4(prompts, **kwargs):
                 time_per_example=[0.0] * n)
 
 
-def test_gpt4_judge_path_offline(shared, tmp_path, monkeypatch):
+def test_gpt4_judge_path_offline(data_dir, tmp_path, monkeypatch):
     """All 805 AlpacaEval instructions through weighted_alpaca_eval_gpt4_turbo; LC needs the hub, so it is
     reported missing with its reason rather than failing."""
     import alpaca_eval.decoders.openai
 
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     monkeypatch.setattr(alpaca_eval.decoders.openai, "openai_completions", fake_gpt4)
-    rows = json.loads((shared / "data" / "alpaca_eval" / "alpaca_eval.json").read_text())
+    rows = json.loads((data_dir / "alpaca_eval" / "alpaca_eval.json").read_text())
     outs = [{"instruction": r["instruction"], "output": ("GOOD " if i < 300 else "") + "answer", "generator": "m1"}
             for i, r in enumerate(rows)]
     refs = [{"instruction": r["instruction"], "output": "reference", "generator": "it"} for r in rows]
@@ -162,12 +162,12 @@ def test_judge_answers_must_be_single_tokens(tiny_smol_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_on_outputs_decoded_by_this_project(smollm2_dir, shared, tmp_path):
+def test_end_to_end_on_outputs_decoded_by_this_project(smollm2_dir, data_dir, tmp_path):
     """Real SmolLM2-135M-Instruct answers three validation instructions (this project's greedy decoder), then
     alpaca_eval judges them against the paper's gpt-3.5-turbo references with the default local judge."""
     from jax_implicit import convert, decode
 
-    refs = json.loads((shared / "data" / "val_eval" / "val-gpt3.5-2.json").read_text())
+    refs = json.loads((data_dir / "val_eval" / "val-gpt3.5-2.json").read_text())
     refs = sorted(refs, key=lambda r: len(r["output"]))[:3]  # the shortest references keep the judge's prompts short
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     texts = decode.generate_texts(convert.load_hf(smollm2_dir), tok, [r["instruction"] for r in refs],

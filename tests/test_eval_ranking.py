@@ -15,9 +15,9 @@ N, K = 6, 5
 
 
 @pytest.fixture(scope="module")
-def dolly(shared):
+def dolly(data_dir):
     """Six real examples whose prompts fit the tiny model's context (rows 0, 5 have long responses)."""
-    rows = ranking.load_examples(str(shared / "data" / "dolly" / "dolly_train.json"), 20)
+    rows = ranking.load_examples(str(data_dir / "dolly" / "dolly_train.json"), 20)
     return [r for r in rows if len(r["instruction"]) + len(r["input"]) < 300][:N]
 
 
@@ -55,10 +55,10 @@ def test_pairings_are_seeded():
     assert a.min() >= 0 and a.max() < 50 and not np.any(a == np.arange(50)[:, None])
 
 
-def test_run_same_number_for_same_seed_and_on_a_mesh(tiny_smol_dir, shared, tmp_path):
+def test_run_same_number_for_same_seed_and_on_a_mesh(tiny_smol_dir, data_dir, tmp_path):
     cfg = ranking_config.get_config()
     cfg.model.path = str(tiny_smol_dir)
-    cfg.data = str(shared / "data" / "dolly" / "dolly_train.json")
+    cfg.data = str(data_dir / "dolly" / "dolly_train.json")
     cfg.n, cfg.k, cfg.seed, cfg.batch_tokens = 3, 2, 3, 1024
     cfg.run.results, cfg.run.base, cfg.run.method = str(tmp_path), "tiny", "base"
     first = ranking.run(cfg)

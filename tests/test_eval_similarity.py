@@ -23,9 +23,9 @@ OUTPUTS = [
 
 
 @pytest.fixture()
-def files(shared, tmp_path):
-    gsm = [json.loads(line) for line in (shared / "data" / "gsm8k" / "train.jsonl").read_text().splitlines()[:6]]
-    lima = [json.loads(line) for line in (shared / "data" / "lima" / "lima_data.jsonl").read_text().splitlines()[:4]]
+def files(data_dir, tmp_path):
+    gsm = [json.loads(line) for line in (data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()[:6]]
+    lima = [json.loads(line) for line in (data_dir / "lima" / "lima_data.jsonl").read_text().splitlines()[:4]]
     paths = {name: tmp_path / f"{name}.jsonl" for name in ("gsm8k", "lima")}
     for name, rows in (("gsm8k", gsm), ("lima", lima)):
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))

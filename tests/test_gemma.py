@@ -145,9 +145,9 @@ def gemma_decoder(gemma3_270m_dir):
 
 
 @pytest.fixture(scope="module")
-def long_prompt(shared, gemma_tokenizer) -> str:
+def long_prompt(data_dir, gemma_tokenizer) -> str:
     """A real LIMA conversation cut to 600 Gemma tokens: longer than the 512-token sliding window."""
-    for line in (shared / "data" / "lima" / "lima_data.jsonl").read_text().splitlines():
+    for line in (data_dir / "lima" / "lima_data.jsonl").read_text().splitlines():
         user, assistant = (m["content"] for m in json.loads(line)["messages"][:2])
         ids = gemma_tokenizer(f"<|user|>\n{user}\n<|assistant|>\n{assistant}", add_special_tokens=False)["input_ids"]
         if len(ids) >= 600:

@@ -76,13 +76,13 @@ def test_sweep_settings_are_checked():
         io.load_config_file(ROOT / "configs" / "sweep.py", "gpt2")
 
 
-def test_small_sweep_runs_and_resumes(tiny_long_context, shared, tmp_path, monkeypatch):
+def test_small_sweep_runs_and_resumes(tiny_long_context, data_dir, tmp_path, monkeypatch):
     """Instruction tuning (the reference) and the base model, on a tiny model, for real: train, greedy
     outputs, a local-judge head-to-head and ranking, each through launch/gpu_host.sh as its own process."""
     monkeypatch.setenv("XLA_FLAGS", "")  # one device per process
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    data = shared / "data"
+    data = data_dir
     cfg = io.load_config_file(ROOT / "configs" / "sweep.py", "llama2_7b")
     cfg.update(model_path=str(tiny_long_context), tasks=("instruction",), epochs=(5,), reference_epochs=5, seeds=(1,),
                rules=(), eval_sets=("val",), ranking_data=str(data / "dolly/dolly_train.json"),

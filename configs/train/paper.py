@@ -20,7 +20,7 @@ SINGLE_TASK = ("gsm8k", "mbpp", "poetry", "recipes", "chess")
 EPOCHS = (5, 7, 10, 15, 20)
 SEEDS = tuple(f"seed{i}" for i in range(1, 6))
 FLAGS = ("ab", "rephrased", "authors_schedule")
-REPHRASED_LIMA = "../shared/data/lima/lima_rephrased.jsonl"  # implicit-ins new_lima/lima_rephrased.jsonl
+REPHRASED_LIMA = "data/lima/lima_rephrased.jsonl"  # implicit-ins new_lima/lima_rephrased.jsonl
 
 
 def get_config(spec: str = "llama2_7b,response,10,seed1"):
