@@ -207,19 +207,18 @@ def report(cfg: M.ModelConfig, name: str, mesh_cfg: Mapping[str, Any], hardware:
     return "\n".join(lines)
 
 
-def main(argv) -> None:
-    cfg = _CONFIG.value
+def run(cfg) -> str:
+    """The plan of `cfg` (a planner or training config) on `cfg.hardware` ("all": every accelerator known)."""
     model = model_config(cfg.model.path, cfg.model.param_dtype, cfg.model.dtype)
-    hardware = cfg.get("hardware", "all")
-    names = sorted(HARDWARE) if hardware == "all" else [hardware]
-    for hw in names:
-        print(report(model, cfg.model.path, cfg.mesh, hw, cfg.train.micro_batch, cfg.data.max_seq_length,
-                     cfg.get("headroom", 0.9)))
+    if cfg.hardware != "all" and cfg.hardware not in HARDWARE:
+        raise ValueError(f"hardware={cfg.hardware!r}; expected 'all' or one of {sorted(HARDWARE)}")
+    names = sorted(HARDWARE) if cfg.hardware == "all" else [cfg.hardware]
+    return "\n".join(report(model, cfg.model.path, cfg.mesh, hw, cfg.train.micro_batch, cfg.data.max_seq_length,
+                            cfg.headroom) for hw in names)
 
 
 if __name__ == "__main__":
-    from absl import app
-    from ml_collections import config_flags
+    from jax_implicit import cli
 
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/plan.py", "planner config (see configs/plan.py)")
-    app.run(main)
+    # A training config lacks the planner's own settings; they are added with these defaults.
+    cli.main(run, "configs/plan.py", extra=dict(hardware="all", headroom=0.9))

@@ -90,7 +90,7 @@ def plan(cfg: ConfigDict) -> list[Step]:
 
     def ranked(m: str, seed: int, path: str) -> Step:
         return Step("jax_implicit.evaluate.ranking", ("--config=configs/eval/ranking.py", *_overrides(
-            model__path=path, data=cfg.ranking_data, seed=seed, run__results=results, run__base=cfg.base,
+            model__path=path, data=cfg.ranking_data, run__results=results, run__base=cfg.base,
             run__method=m, run__seed=seed), *shlex.split(cfg.extra.ranking)), seed_dir(m, seed) / layout.RANKING)
 
     def tuned(task: str, epochs: int, seed: int) -> list[Step]:
@@ -159,6 +159,6 @@ def run(cfg: ConfigDict) -> list[Step]:
 
 
 if __name__ == "__main__":
-    from jax_implicit.evaluate import cli
+    from jax_implicit import cli
 
     cli.main(run, "configs/sweep.py")

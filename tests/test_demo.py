@@ -50,6 +50,8 @@ def test_echoes_prompt():
     assert not demo_report.echoes_prompt(instruction, "Soak ladyfingers in coffee, layer with mascarpone cream.")
 
 
-def test_missing_data_folder_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        demo.data_sources(str(tmp_path / "nowhere"))
+def test_missing_data_file_is_named_before_any_model_work(tmp_path):
+    cfg = tiny_config(tmp_path / "no-model", tmp_path)
+    cfg.data.lima = str(tmp_path / "nowhere.jsonl")
+    with pytest.raises(ValueError, match=r"^--config.data.lima: data file .*nowhere.jsonl does not exist$"):
+        demo.run(cfg)

@@ -100,6 +100,6 @@ def run(cfg) -> str:
 
 
 if __name__ == "__main__":
-    from jax_implicit.evaluate import cli
+    from jax_implicit import cli
 
     cli.main(run, "configs/eval/tables.py")
