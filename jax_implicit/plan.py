@@ -123,6 +123,10 @@ def _param_leaves(cfg: M.ModelConfig) -> list[tuple[tuple[str, ...], tuple[int, 
     return [(a, v.shape) for a, v in zip(axes, jax.tree.leaves(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))))]
 
 
+def param_count(cfg: M.ModelConfig) -> int:
+    return sum(math.prod(s) for _, s in _param_leaves(cfg))
+
+
 def _elems(sh: Sharder, axes, shape, only: tuple[str, ...] = MESH_AXES) -> int:
     """Elements per device of an array, counting the splits over the mesh axes in `only`."""
     n = math.prod(shape)
@@ -170,8 +174,7 @@ def plan(cfg: M.ModelConfig, mesh_cfg: Mapping[str, Any], hardware: str, micro_b
         "weight copies": elems * c if c != p else 0,
         "workspace": layer_tp * (c + 4) if gathered else 0,
     }
-    total_params = sum(math.prod(s) for _, s in leaves)
-    return Plan(hardware, dict(zip(MESH_AXES, shape)), micro_batch, rows, total_params, components,
+    return Plan(hardware, dict(zip(MESH_AXES, shape)), micro_batch, rows, param_count(cfg), components,
                 int(headroom * hw.bytes_per_device))
 
 

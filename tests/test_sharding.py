@@ -150,7 +150,7 @@ def test_sharded_equals_single_device(tiny_dir, reference, shape):
     assert_reorder_close(out["logits"], reference["logits"])
     np.testing.assert_array_equal(out["tokens"], reference["tokens"])
     assert_reorder_close(out["step_logits"], reference["step_logits"])
-    jax.tree.map(assert_reorder_close, out["params"], reference["params"])
+    jax.tree.map(lambda a, b: assert_reorder_close(a, b, slack=0.01 * 1e-3 * 2), out["params"], reference["params"])  # 2 Adam steps, lr 1e-3
     # ... and that tolerance still sees a bug: one of 8 vocabulary shards in the wrong place
     wrong = out["logits"].copy()
     shard = wrong.shape[-1] // 8
