@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, cli, config, convert, data, distributed, io
+from jax_implicit import checkpoint, cli, config, convert, data, distributed, io, prompts
 from jax_implicit import model as M
 from jax_implicit.plan import activation_bytes
 from jax_implicit.sharding import Sharder
@@ -390,7 +390,8 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
         if writer and not tok_dir.is_dir():
             tok_dir = Path(tokenizer.save_pretrained(out / "tokenizer")[0]).parent
         hf_dir = convert.export_hf(nnx.merge(graphdef, state["params"]), out / "hf",
-                                   tokenizer_dir=tok_dir if writer else None)
+                                   tokenizer_dir=tok_dir if writer else None,
+                                   chat_template=prompts.chat_template(d.tag_set))
     plot = plot_loss(rows_logged, out / "loss.png") if writer else out / "loss.png"
     return RunResult(out, hf_dir, metrics_path, plot, step, loss, n, examples.dropped, state)
 
