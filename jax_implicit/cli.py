@@ -236,12 +236,14 @@ def quiet() -> None:
 
 
 def main(run: Callable[[ConfigDict], Any], default_config: str | None, *, extra: dict | None = None,
-         errors: tuple[type[Exception], ...] = (), argv: list[str] | None = None) -> None:
+         errors: tuple[type[Exception], ...] = (), check: Callable[[ConfigDict], None] | None = None,
+         argv: list[str] | None = None) -> None:
     """Parse the command line, then `run(config)`; print what it returns (a path, text or a dict).
 
     `extra`: settings added to whatever config is loaded (the planner's hardware on a training config);
     `errors`: the command's own exception types that report bad input or a stopped run, besides ValueError
-    and OSError."""
+    and OSError; `check`: the command's own validation of a whole config, also run alone when
+    $JAX_IMPLICIT_CHECK_ONLY is set (the launch scripts' --dry-run checks a remote command that way)."""
     module = sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else "?"
     doc = sys.modules["__main__"].__doc__ or ""
     argv = sys.argv[1:] if argv is None else argv
@@ -255,6 +257,11 @@ def main(run: Callable[[ConfigDict], Any], default_config: str | None, *, extra:
         raise SystemExit(0)
     quiet()
     try:
+        if check is not None:
+            check(cfg)
+        if os.environ.get("JAX_IMPLICIT_CHECK_ONLY"):
+            print(f"{module}: --config={spec} and its overrides check out")
+            return
         result = run(cfg)
     except (ValueError, OSError, *errors) as e:
         if os.environ.get("JAX_IMPLICIT_TRACEBACK"):

@@ -409,4 +409,4 @@ if __name__ == "__main__":
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     log.setLevel(logging.INFO)
-    cli.main(lambda cfg: summary(run(cfg)), None, errors=(TrainingError,))
+    cli.main(lambda cfg: summary(run(cfg)), None, errors=(TrainingError,), check=check_config)
