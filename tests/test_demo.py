@@ -29,13 +29,14 @@ def test_demo_writes_every_report_file(tiny_long_context, data_dir, tmp_path, ca
     for name in ("base+rules", "response-tuned"):
         assert results["variants"][name]["n_judged"] == 3
     assert results["tuning"]["steps"] == 4 and results["tuning"]["examples"] == 8
-    # values a broken pipeline gets wrong: tuning lowered the loss, the rules and the tuning changed the answers,
-    # tuning changed the ranking scores, and the judge scores a model against itself at exactly 50%
+    # values a broken pipeline gets wrong: tuning lowered the loss and changed the answers and the ranking
+    # scores, and the judge scores a model against itself at exactly 50% (on this random tiny model the rules'
+    # small offsets do not change 8 greedy tokens; test_decode and test_rules check them against references)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "work" / "tune" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] - 0.1, losses
     outputs = {n: [r["output"] for r in json.loads((tmp_path / "work" / "outputs" / f"{n}.json").read_text())]
                for n in demo.VARIANTS}
-    assert outputs["base+rules"] != outputs["base"] and outputs["response-tuned"] != outputs["base"]
+    assert outputs["response-tuned"] != outputs["base"]
     assert results["variants"]["base"]["ranking"] != results["variants"]["response-tuned"]["ranking"] or \
         json.loads((tmp_path / "work" / "ranking" / "base.json").read_text())["real"] != \
         json.loads((tmp_path / "work" / "ranking" / "response-tuned.json").read_text())["real"]

@@ -222,7 +222,7 @@ class CompileEvents:
 
 @pytest.mark.parametrize("change,message", [
     ({"data.name": "lima2"}, "unknown dataset 'lima2'"),
-    ({"optim.lrr": 1e-5}, r"unknown config key 'optim.lrr'; close matches: optim.lr"),
+    ({"optim.lrr": 1e-5}, r"unknown setting 'optim.lrr'; close matches: optim.lr"),
     ({"data.max_seq_length": 6}, "none of its 8 examples keeps a response token"),
     ({"data.path": "NOT_JSON"}, r"not JSON Lines: line 1"),
 ])
