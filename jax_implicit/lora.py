@@ -110,6 +110,21 @@ def apply(decoder: M.Decoder, lcfg: ConfigDict, seed: int = 0) -> M.Decoder:
     return decoder
 
 
+def abstract(cfg: M.ModelConfig, lcfg: ConfigDict) -> M.Decoder:
+    """The decoder with its adapters (and quantised weights) as `ShapeDtypeStruct`s, allocating nothing."""
+    return nnx.eval_shape(lambda: apply(M.Decoder(cfg, rngs=nnx.Rngs(0)), lcfg))
+
+
+def with_adapters(decoder: M.Decoder, lcfg: ConfigDict, adapters: dict) -> M.Decoder:
+    """`decoder` (plain base weights) carrying the trained `adapters` (a pure dict as `split` returns them):
+    RT merges the QLoRA adapter into the unquantised base, so exports start from this."""
+    apply(decoder, ConfigDict({**lcfg.to_dict(), "quant": "none"}))
+    state = nnx.state(decoder, nnx.LoRAParam)
+    nnx.replace_by_pure_dict(state, adapters)
+    nnx.update(decoder, state)
+    return decoder
+
+
 def adapted(decoder: M.Decoder) -> list[str]:
     """Our names of the projections that carry adapters."""
     return [n for n in SPECS if hasattr(decoder.layers, n + "_lora_a")]
