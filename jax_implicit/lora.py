@@ -8,7 +8,8 @@ wraps one 2-D `Linear`, while our projections are multi-axis einsums over weight
 `lax.scan`; `qwix.LoraProvider` intercepts einsums to inject its own params and quantises with its own
 layouts, which neither matches bitsandbytes' NF4 blocks (so RT's QLoRA numbers could not be compared)
 nor keeps peft's A/B under names and logical axes we control. The delta's axes are the base weight's:
-A carries the base's input axes, B its output axes, so both shard like their base weight.
+A carries the base's input axes, B its output axes, so both shard like their base weight; the rank
+axis (`lora_rank`) is in no rule table, so it is never split.
 
 QLoRA (`quant` "nf4" or "int8") stores every projection's base weight quantised (`quant.py`, in
 transformers' (out, in) layout, so NF4 blocks are bitsandbytes') and dequantises it on the fly in the
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,9 +94,9 @@ def apply(decoder: M.Decoder, lcfg: ConfigDict, seed: int = 0) -> M.Decoder:
         ins, outs = io_shapes(cfg, name)
         bound = 1.0 / math.sqrt(math.prod(ins))
         a = jax.random.uniform(jax.random.fold_in(key, list(SPECS).index(name)), (L, *ins, r), jnp.float32, -bound, bound)
-        setattr(layers, name + "_lora_a", nnx.LoRAParam(a, axes=("layers", *axes[1:1 + n_in], None)))
+        setattr(layers, name + "_lora_a", nnx.LoRAParam(a, axes=("layers", *axes[1:1 + n_in], "lora_rank")))
         setattr(layers, name + "_lora_b", nnx.LoRAParam(jnp.zeros((L, r, *outs), jnp.float32),
-                                                        axes=("layers", None, *axes[1 + n_in:])))
+                                                        axes=("layers", "lora_rank", *axes[1 + n_in:])))
     if lcfg.quant != "none":
         for name in SPECS:  # like bitsandbytes' load_in_4bit: every projection, targeted or not
             base, n_in = getattr(layers, name), _n_in(name)
@@ -105,7 +105,7 @@ def apply(decoder: M.Decoder, lcfg: ConfigDict, seed: int = 0) -> M.Decoder:
             parts = jax.vmap(lambda w: quant.quantize(to_matrix(w, n_in), lcfg.quant))(base[...])
             delattr(layers, name)
             for part, value in parts.items():
-                part_axes = ("layers", out_axis, in_axis)[:value.ndim] if value.ndim != 2 else ("layers", None)
+                part_axes = ("layers", out_axis, in_axis)[:value.ndim] if value.ndim != 2 else ("layers", "scale_blocks")
                 setattr(layers, name + QUANT_PREFIX + part, QuantizedWeight(value, axes=part_axes))
     return decoder
 

@@ -88,8 +88,10 @@ def test_adapters_start_at_the_base_model_and_carry_their_base_axes(tiny_dirs):
     lora.apply(decoder, lora.lora_config(rank=8, alpha=16, dropout=0.1))
     np.testing.assert_array_equal(forward(decoder, ids, mask), before)  # B starts at zero
     axes = M.logical_axes(decoder)["layers"]
-    assert axes["wq_lora_a"] == ("layers", "embed", None) and axes["wq_lora_b"] == ("layers", None, "heads", "head_dim")
-    assert axes["wo_lora_a"] == ("layers", "heads", "head_dim", None) and axes["wo_lora_b"] == ("layers", None, "embed")
+    assert axes["wq_lora_a"] == ("layers", "embed", "lora_rank")
+    assert axes["wq_lora_b"] == ("layers", "lora_rank", "heads", "head_dim")
+    assert axes["wo_lora_a"] == ("layers", "heads", "head_dim", "lora_rank")
+    assert axes["wo_lora_b"] == ("layers", "lora_rank", "embed")
     assert decoder.layers.w_down_lora_a.shape == (2, 128, 8) and decoder.cfg.lora_scale == 2.0
     _, trainable, frozen = lora.split(decoder)
     assert set(trainable["layers"]) == {f"{n}_lora_{p}" for n in lora.TARGETS.values() for p in "ab"}

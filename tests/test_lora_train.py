@@ -116,3 +116,39 @@ def test_rt_configs_hold_the_response_tuning_recipe():
         train._load_config_file(f"{ROOT}/configs/train/rt.py:llama31_8b,response,lora,int8")
     schedule = train.lr_schedule(cfg.optim, 100)
     assert float(schedule(0)) == float(schedule(99)) == pytest.approx(1e-4)
+
+
+def test_qlora_step_on_a_mesh_shards_adapters_like_their_base_and_equals_one_device(tiny_hf):
+    from jax.sharding import PartitionSpec as P
+
+    from jax_implicit.sharding import Sharder
+
+    hf_dir = tiny_hf("llama_mha")
+    lcfg = lora.lora_config(rank=4, alpha=8.0, quant="nf4")
+    optimizer = train.make_optimizer(train.optim_config(lr=1e-2, schedule="constant", warmup_ratio=0.0, clip_norm=0.3), 10)
+    ids, mask = padded_batch(256, lengths=(12, 9, 5, 12))
+    batch = dict(tokens=ids, mask=mask, weights=(mask / mask.sum()).astype(np.float32))
+
+    def one_step(sh):
+        cfg = convert.load_hf(hf_dir).cfg
+        state_abs, frozen_abs = train.abstract_state(cfg, optimizer, 0, sh, lcfg)
+        state_sh, frozen_sh = (jax.tree.map(lambda s: s.sharding, a) for a in (state_abs, frozen_abs))
+        graphdef, params, frozen = lora.split(lora.apply(convert.load_hf(hf_dir), lcfg))
+        params = jax.tree.map(lambda p: p + 0.01, params)  # B non-zero, so the forward depends on it
+        state = jax.device_put(train.init_state(params, optimizer, 0), state_sh)
+        frozen = jax.device_put(frozen, frozen_sh)
+        micro, apply = train.build_steps(graphdef, optimizer, state_sh, sh.rows(ids.shape), frozen_sh)
+        accum, loss = micro(state["params"], train.zeros_accum(state["params"]), sh.global_batch(batch, len(ids)), frozen)
+        state, _ = apply(state, accum)
+        return state_sh, frozen_sh, float(loss), jax.device_get(state["params"])
+
+    sh = Sharder.from_config(dict(data=2, fsdp=2, tensor=2, rules="fsdp_tp"))
+    state_sh, frozen_sh, loss, params = one_step(sh)
+    layers = state_sh["params"]["layers"]
+    assert layers["wq_lora_a"].spec == P(None, "fsdp", None) and layers["wq_lora_b"].spec == P(None, None, "tensor", None)
+    assert layers["w_down_lora_a"].spec == P(None, "tensor", None) and layers["w_down_lora_b"].spec == P(None, None, "fsdp")
+    assert frozen_sh["layers"]["wq_q_nf4"].spec == P(None, "tensor", "fsdp")
+    ref_loss, ref_params = one_step(Sharder.from_config(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))[2:]
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -4,7 +4,6 @@ stripped; in response-tuning mode a single assistant message and no user turn; l
 
 import json
 
-import numpy as np
 import pytest
 
 from jax_implicit import data
