@@ -81,7 +81,7 @@ def test_lora_matches_peft_both_ways_and_merged_export(family, targets, tiny_dir
     assert np.abs(torch_logits(tmp_path / "merged", ids, mask) - got)[mask].max() <= 1e-4
 
 
-def test_adapters_start_at_the_base_model_and_carry_their_base_axes(tiny_dirs):
+def test_adapters_start_at_the_base_model_carry_their_base_axes_and_drop_out_by_key(tiny_dirs):
     decoder = convert.load_hf(tiny_dirs["llama"])
     ids, mask = padded_batch(256)
     before = forward(decoder, ids, mask)
@@ -93,6 +93,12 @@ def test_adapters_start_at_the_base_model_and_carry_their_base_axes(tiny_dirs):
     assert axes["wo_lora_a"] == ("layers", "heads", "head_dim", "lora_rank")
     assert axes["wo_lora_b"] == ("layers", "lora_rank", "embed")
     assert decoder.layers.w_down_lora_a.shape == (2, 128, 8) and decoder.cfg.lora_scale == 2.0
+    # dropout (training only): a function of its key, off without one
+    decoder.layers.wq_lora_b[...] = jax.numpy.full(decoder.layers.wq_lora_b.shape, 0.1)
+    with_key = jax.jit(lambda d, i, m, k: d(i, M.positions_from_mask(m), m, dropout_key=k)[0])
+    first, again, other = (np.asarray(with_key(decoder, ids, mask, jax.random.PRNGKey(k))) for k in (0, 0, 1))
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other)[mask].max() > 1e-3 and np.abs(first - forward(decoder, ids, mask))[mask].max() > 1e-3
     _, trainable, frozen = lora.split(decoder)
     assert set(trainable["layers"]) == {f"{n}_lora_{p}" for n in lora.TARGETS.values() for p in "ab"}
     assert not any("lora" in k for k in frozen["layers"]) and "embed" in frozen
