@@ -71,6 +71,16 @@ def check(lcfg: ConfigDict) -> None:
             raise ValueError(message)
 
 
+def check_model(cfg: M.ModelConfig, lcfg: ConfigDict) -> None:
+    """Settings this model cannot take: quantisation needs every projection's input size divisible by 64."""
+    if lcfg.rank and lcfg.quant != "none":
+        for name in SPECS:
+            n = math.prod(io_shapes(cfg, name)[0])
+            if n % quant.BLOCK:
+                raise ValueError(f"lora.quant={lcfg.quant!r} needs every projection's input size divisible by "
+                                 f"{quant.BLOCK}; {HF_MODULES[name]} has {n}")
+
+
 def _n_in(name: str) -> int:
     return len(SPECS[name].split(",")[0]) - 2  # x is (b, t, *in)
 

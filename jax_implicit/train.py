@@ -350,6 +350,10 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
     info("%s (%s mode): %d examples, %d dropped with no response token left after truncation to %d tokens",
          d.name, d.mode, n, examples.dropped, d.max_seq_length)
     model_cfg = M.from_hf_config(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    try:
+        lora.check_model(model_cfg, cfg.lora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     per_epoch = data.steps_per_epoch(n, t.global_batch)
     total = per_epoch * t.epochs
     optimizer = make_optimizer(cfg.optim, total)

@@ -110,3 +110,8 @@ def test_bad_lora_settings_are_named():
                     (dict(quant="nf4"), "lora.quant")]:
         with pytest.raises(ValueError, match=key):
             lora.check(lora.lora_config(**kw))
+    odd = M.ModelConfig("llama", 256, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=4,
+                        head_dim=16)
+    lora.check_model(odd, lora.lora_config(rank=4))  # unquantised: any size
+    with pytest.raises(ValueError, match="mlp.down_proj has 96"):
+        lora.check_model(odd, lora.lora_config(rank=4, quant="nf4"))
