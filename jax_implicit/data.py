@@ -26,6 +26,8 @@ from jax_implicit import datasets, io, prompts
 MODES = ("instruction", "response", "single_task")
 SINGLE_TASK = ("gsm8k", "mbpp", "poetry", "recipes", "chess")
 ROLES = ("system", "user", "assistant")
+CHAT_FORMATS = ("paper", "rt")  # the paper's authors' format, or Response Tuning's (An et al.)
+RT_MARKER = "\n<|assistant|>\n"  # RT's TRL response template; its first three token ids are dropped
 
 
 class DataError(ValueError):
@@ -33,11 +35,12 @@ class DataError(ValueError):
 
 
 def data_config(name: str = "lima", path: str = "", mode: str = "instruction", tag_set: str = "user_assistant",
-                max_seq_length: int = 2048, limit: int = 0, bucket_min: int = 64) -> ConfigDict:
-    """`path`: a file or folder, a named dataset or a hub id to read instead of the name's own source; `limit`: keep the first N examples
-    (0: all); `bucket_min`: the shortest padded length (buckets double up to `max_seq_length`)."""
+                max_seq_length: int = 2048, limit: int = 0, bucket_min: int = 64, chat_format: str = "paper") -> ConfigDict:
+    """`path`: a file or folder, a named dataset or a hub id to read instead of the name's own source; `limit`:
+    keep the first N examples (0: all); `bucket_min`: the shortest padded length (buckets double up to
+    `max_seq_length`); `chat_format`: one of CHAT_FORMATS (`encode` or `encode_rt`)."""
     return ConfigDict(dict(name=name, path=path, mode=mode, tag_set=tag_set, max_seq_length=max_seq_length,
-                           limit=limit, bucket_min=bucket_min))
+                           limit=limit, bucket_min=bucket_min, chat_format=chat_format))
 
 
 # ----------------------------------------------------------------------------- rows by name
@@ -200,6 +203,8 @@ def load_rows(cfg: ConfigDict) -> list[dict]:
         raise DataError(f"unknown tuning mode {cfg.mode!r}; expected one of {MODES}")
     if cfg.mode == "single_task" and cfg.name not in SINGLE_TASK:
         raise DataError(f"mode 'single_task' is for the narrow datasets {SINGLE_TASK}, not {cfg.name!r}")
+    if cfg.chat_format not in CHAT_FORMATS:
+        raise DataError(f"unknown chat format {cfg.chat_format!r}; expected one of {CHAT_FORMATS}")
     prompts.tags(cfg.tag_set)
     src = DATASETS[cfg.name]
     try:
@@ -223,13 +228,16 @@ def load_rows(cfg: ConfigDict) -> list[dict]:
     rows = rows[:cfg.limit] if cfg.limit else rows
     if not rows:
         raise DataError(f"dataset {cfg.name!r} ({source}) has no rows")
-    return [apply_mode(r, cfg.mode) for r in rows]
+    return [apply_mode(r, cfg.mode, cfg.chat_format) for r in rows]
 
 
-def apply_mode(row: dict, mode: str) -> dict:
-    """Response tuning empties every user turn and keeps all assistant turns; the other modes keep the row."""
+def apply_mode(row: dict, mode: str, chat_format: str = "paper") -> dict:
+    """Response tuning empties every user turn (the paper) or drops it, leaving the assistant turns alone
+    (RT: no user turn at all); the other modes keep the row."""
     if mode != "response":
         return row
+    if chat_format == "rt":
+        return {**row, "messages": [m for m in row["messages"] if m["role"] != "user"]}
     return {**row, "messages": [{**m, "content": ""} if m["role"] == "user" else m for m in row["messages"]]}
 
 
@@ -275,6 +283,23 @@ def encode(messages: list[dict], tokenizer, tag_set: str, max_len: int) -> tuple
     return ids, loss
 
 
+def encode_rt(messages: list[dict], tokenizer, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and loss mask in Response Tuning's format: `<|role|>\n` + content (not stripped) + `\n`, with
+    EOS before the newline of assistant turns, tokenized as a whole and truncated on the right. As RT's TRL
+    collator does, loss falls on every token after the first occurrence of the token ids of `RT_MARKER`
+    without their first three; with no occurrence the example has no loss token."""
+    text = "".join(f"<|{m['role']}|>\n{m['content']}" + (tokenizer.eos_token if m["role"] == "assistant" else "") + "\n"
+                   for m in messages)
+    ids = np.asarray(tokenizer(text, max_length=max_len, truncation=True)["input_ids"], np.int32)
+    marker = tokenizer(RT_MARKER, add_special_tokens=False)["input_ids"][3:]
+    loss = np.zeros(len(ids), bool)
+    for start in range(len(ids) - len(marker) + 1):
+        if ids[start:start + len(marker)].tolist() == marker:
+            loss[start + len(marker):] = True
+            break
+    return ids, loss
+
+
 @dataclasses.dataclass
 class Examples:
     """Tokenized examples; `loss[i][t]` says whether token t of example i is trained on."""
@@ -288,10 +313,12 @@ class Examples:
         return np.array([len(x) for x in self.ids], np.int64)
 
 
-def tokenize(rows: list[dict], tokenizer, tag_set: str, max_len: int, name: str = "") -> Examples:
+def tokenize(rows: list[dict], tokenizer, tag_set: str, max_len: int, name: str = "",
+             chat_format: str = "paper") -> Examples:
     ids, loss, dropped = [], [], 0
     for row in rows:
-        i, m = encode(row["messages"], tokenizer, tag_set, max_len)
+        i, m = (encode_rt(row["messages"], tokenizer, max_len) if chat_format == "rt"
+                else encode(row["messages"], tokenizer, tag_set, max_len))
         if m[1:].any():  # the first token is never a target
             ids.append(i)
             loss.append(m)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_implicit.projection import project
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "olmo", "gemma3_text")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORMS = ("rms", "layernorm", "gemma_rms")
@@ -61,6 +63,9 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()  # per layer, one of LAYER_TYPES; () means all full attention
     sliding_window: int | None = None  # a sliding layer's query sees keys fewer than this many slots back
     rope_local_theta: float | None = None  # RoPE base of the sliding layers (None: rope_theta)
+    # LoRA (`lora.py` adds the adapter weights): the delta's alpha / rank, and the dropout on its input.
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -304,7 +309,7 @@ class Decoder(nnx.Module):
             self.lm_head = nnx.Param(jax.random.normal(rngs.params(), (V, D), pdt) / math.sqrt(D), axes=("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Logits (float32) for `tokens` (batch, seq).
 
         `positions` are the RoPE positions, `mask` is True on real tokens. Without a cache every token
@@ -312,6 +317,7 @@ class Decoder(nnx.Module):
         `cache.index` and every token attends to the real tokens in the slots up to its own.
         Sliding-window layers also drop keys `sliding_window` or more slots back: within a row, real
         tokens fill consecutive slots, so slot distance is position distance.
+        `dropout_key` turns on LoRA dropout (training); without it the forward is deterministic.
         """
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
@@ -342,7 +348,10 @@ class Decoder(nnx.Module):
 
         kv_in = None if cache is None else (cache.k, cache.v)
         sliding = jnp.asarray(cfg.sliding_layers)
-        layers = (self.layers.weights(), sliding, jnp.arange(cfg.num_layers))
+        weights = self.layers.weights()
+        if dropout_key is not None:
+            weights["lora_key"] = jax.random.split(dropout_key, cfg.num_layers)
+        layers = (weights, sliding, jnp.arange(cfg.num_layers))
         (x, kv_out), _ = jax.lax.scan(layer, (x, kv_in), layers)
         x = _norm(cfg, x, self.final_norm[...] if cfg.norm != "layernorm" else None)
         head = self.embed if cfg.tie_word_embeddings else self.lm_head
@@ -388,11 +397,8 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _block(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin, attend, kv, index):
-    dt = x.dtype
     h = _norm(cfg, x, w.get("attn_norm"))
-    q = jnp.einsum("btd,dhk->bthk", h, w["wq"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", h, w["wk"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", h, w["wv"].astype(dt))
+    q, k, v = (project(cfg, w, name, h) for name in ("wq", "wk", "wv"))
     if cfg.clip_qkv is not None:
         q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     if cfg.qk_norm:
@@ -404,12 +410,11 @@ def _block(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin, attend, kv, index)
         k, v = kv[0][layer], kv[1][layer]
     post = (lambda y, name: _norm(cfg, y, w[name])) if cfg.post_norms else (lambda y, name: y)
     attn = _attention(q, k, v, attend, cfg.query_pre_attn_scalar or cfg.head_dim)
-    x = x + post(jnp.einsum("bthk,hkd->btd", attn, w["wo"].astype(dt)), "attn_post_norm")
+    x = x + post(project(cfg, w, "wo", attn), "attn_post_norm")
     h = _norm(cfg, x, w.get("mlp_norm"))
-    gate = jnp.einsum("btd,df->btf", h, w["w_gate"].astype(dt))
-    up = jnp.einsum("btd,df->btf", h, w["w_up"].astype(dt))
+    gate, up = project(cfg, w, "w_gate", h), project(cfg, w, "w_up", h)
     act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    return x + post(jnp.einsum("btf,fd->btd", act * up, w["w_down"].astype(dt)), "mlp_post_norm"), kv
+    return x + post(project(cfg, w, "w_down", act * up), "mlp_post_norm"), kv
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, attend: jax.Array, scalar: float) -> jax.Array:

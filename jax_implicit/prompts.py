@@ -14,10 +14,16 @@ def tags(tag_set: str) -> tuple[str, str]:
     return TAG_SETS[tag_set]
 
 
-def chat_template(tag_set: str = "user_assistant") -> str:
-    """A Jinja chat template for exported tokenizers that reproduces these formats with `apply_chat_template`:
-    with `add_generation_prompt`, `generation_prompt` (contents as given); without it, the training text
-    (each content stripped, EOS after each response, the whole text stripped), as `data.render` builds it."""
+def chat_template(tag_set: str = "user_assistant", chat_format: str = "paper") -> str:
+    """A Jinja chat template for exported tokenizers that reproduces the training format with
+    `apply_chat_template`. The paper's: with `add_generation_prompt`, `generation_prompt` (contents as given);
+    without it, the training text (each content stripped, EOS after each response, the whole text stripped),
+    as `data.render` builds it. Response Tuning's (`chat_format="rt"`, `data.encode_rt`): `<|role|>\n` +
+    content unstripped + EOS after responses + `\n`, then `<|assistant|>\n` as the generation prompt."""
+    if chat_format == "rt":
+        return ("{%- for m in messages -%}{{ '<|' + m['role'] + '|>\n' + m['content']"
+                " + (eos_token if m['role'] == 'assistant' else '') + '\n' }}{%- endfor -%}"
+                "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}")
     user, assistant = tags(tag_set)
     return (
         "{%- set tags = {'system': '<|system|>', 'user': '" + user + "', 'assistant': '" + assistant + "'} -%}"

@@ -35,14 +35,14 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, cli, config, convert, data, distributed, io, prompts
+from jax_implicit import checkpoint, cli, config, convert, data, distributed, io, lora, prompts
 from jax_implicit import model as M
 from jax_implicit.plan import activation_bytes
 from jax_implicit.sharding import Sharder
 
 log = logging.getLogger("jax_implicit.train")
 REDUCTIONS = ("example", "token")
-SCHEDULES = ("cosine", "linear")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 class ConfigError(ValueError):
@@ -59,7 +59,8 @@ class TrainingError(RuntimeError):
 def optim_config(lr: float = 1e-5, schedule: str = "cosine", warmup_ratio: float = 0.1,
                  clip_norm: float = 0.0) -> ConfigDict:
     """Adam (weight decay 0). `schedule`: "cosine" (linear warmup over `warmup_ratio` of the steps, cosine to 0:
-    the paper) or "linear" (linear decay to 0: the authors' scripts, with warmup 0.03). `clip_norm` 0: off."""
+    the paper), "linear" (linear decay to 0: the authors' scripts, with warmup 0.03) or "constant" (after
+    the warmup: Response Tuning's recipe). `clip_norm` 0: off."""
     return ConfigDict(dict(lr=lr, schedule=schedule, warmup_ratio=warmup_ratio, clip_norm=clip_norm,
                            b1=0.9, b2=0.999, eps=1e-8))
 
@@ -75,7 +76,7 @@ def train_config(epochs: int = 10, global_batch: int = 64, micro_batch: int = 8,
 def default_config() -> ConfigDict:
     """Every key a training config may hold (config files start from this and change values)."""
     return ConfigDict(dict(model=config.model(), mesh=config.mesh(), data=data.data_config(),
-                           optim=optim_config(), train=train_config()))
+                           optim=optim_config(), train=train_config(), lora=lora.lora_config()))
 
 
 def check_config(cfg: ConfigDict) -> None:
@@ -103,6 +104,10 @@ def check_config(cfg: ConfigDict) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:
+        lora.check(cfg.lora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -116,8 +121,8 @@ def lr_schedule(optim: ConfigDict, total_steps: int) -> Callable[[jax.Array], ja
     def schedule(count):
         count = jnp.asarray(count, jnp.float32)
         progress = (count - warmup) / decay
-        after = (0.5 * (1 + jnp.cos(jnp.pi * progress)) if optim.schedule == "cosine"
-                 else (total_steps - count) / decay)
+        after = {"cosine": 0.5 * (1 + jnp.cos(jnp.pi * progress)), "linear": (total_steps - count) / decay,
+                 "constant": jnp.ones_like(count)}[optim.schedule]
         factor = jnp.where(count < warmup, count / max(1, warmup), jnp.maximum(0.0, after))
         return optim.lr * factor
 
@@ -136,7 +141,8 @@ def loss_sum(params: dict, graphdef: nnx.GraphDef, batch: dict) -> jax.Array:
     """Sum over target tokens of weight * cross-entropy; token t is predicted from the logits at t - 1."""
     model = nnx.merge(graphdef, params)
     tokens, mask = batch["tokens"], batch["mask"]
-    logits, _ = model(tokens, M.positions_from_mask(mask), mask)
+    key = jax.random.PRNGKey(batch["dropout_seed"][0, 0]) if "dropout_seed" in batch else None  # LoRA dropout
+    logits, _ = model(tokens, M.positions_from_mask(mask), mask, dropout_key=key)
     logits, targets = logits[:, :-1], tokens[:, 1:]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
@@ -166,30 +172,37 @@ def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int)
 
 
 def abstract_state(model_cfg: M.ModelConfig, optimizer: optax.GradientTransformation, seed: int,
-                   sh: Sharder) -> Any:
-    """The train state's shapes, dtypes and shardings, without allocating it (the restore target).
+                   sh: Sharder, lora_cfg: ConfigDict | None = None) -> tuple[Any, Any]:
+    """The train state's and the frozen weights' shapes, dtypes and shardings, without allocating them.
 
     Parameters by their logical axes; Adam's moments mirror them (`Sharder.tree` matches paths by
-    suffix); the step count and the PRNG key are replicated.
+    suffix); the step count and the PRNG key are replicated. With LoRA (`lora_cfg.rank` > 0) the state
+    holds only the adapters (so do checkpoints) and the base weights are the frozen part; else it is empty.
     """
-    decoder = M.abstract(model_cfg)
-    shapes = jax.eval_shape(lambda p: init_state(p, optimizer, seed), nnx.to_pure_dict(nnx.state(decoder)))
-    shardings = sh.tree(shapes, M.logical_axes(decoder))
-    return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, shardings)
+    decoder = lora.abstract(model_cfg, lora_cfg) if lora_cfg is not None else M.abstract(model_cfg)
+    _, trainable, frozen = lora.split(decoder)
+    if not trainable:  # full finetuning
+        trainable, frozen = nnx.to_pure_dict(nnx.state(decoder)), {}
+    shapes = jax.eval_shape(lambda p: init_state(p, optimizer, seed), trainable)
+    axes = M.logical_axes(decoder)
+    with_sharding = lambda tree: jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
+                                              tree, sh.tree(tree, axes))
+    return with_sharding(shapes), with_sharding(frozen)
 
 
 def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, state_sh: Any = None,
-                batch_sh: jax.sharding.NamedSharding | None = None) -> tuple[Callable, Callable]:
+                batch_sh: jax.sharding.NamedSharding | None = None, frozen_sh: Any = None) -> tuple[Callable, Callable]:
     """The two jitted functions of an optimizer step; all arrays are arguments, buffers are donated.
 
-    micro_step(params, accum, batch) -> (accum + grad, loss): one micro-batch, float32 accumulator.
+    micro_step(params, accum, batch, frozen) -> (accum + grad, loss): one micro-batch, float32 accumulator;
+    `frozen` (LoRA: the base weights) joins `params` in the forward and gets no gradient.
     apply_step(state, accum) -> (state, zeroed accum): the Adam update.
     With the train state's shardings (`abstract_state`) and the micro-batch's, every input and output
     is pinned to the mesh (the accumulator is sharded like the parameters); without, jit follows its
     arguments.
     """
-    def micro(params, accum, batch):
-        loss, grads = jax.value_and_grad(loss_sum)(params, graphdef, batch)
+    def micro(params, accum, batch, frozen={}):  # noqa: B006 -- never mutated
+        loss, grads = jax.value_and_grad(lambda p: loss_sum(lora.combine(frozen, p), graphdef, batch))(params)
         return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), accum, grads), loss
 
     def apply(state, accum):
@@ -202,7 +215,7 @@ def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
     micro_kw, apply_kw = {}, {}
     if state_sh is not None:
         p_sh, scalar = state_sh["params"], jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
-        micro_kw = dict(in_shardings=(p_sh, p_sh, batch_sh), out_shardings=(p_sh, scalar))
+        micro_kw = dict(in_shardings=(p_sh, p_sh, batch_sh, frozen_sh or {}), out_shardings=(p_sh, scalar))
         apply_kw = dict(in_shardings=(state_sh, p_sh), out_shardings=(state_sh, p_sh))
     return jax.jit(micro, donate_argnums=(1,), **micro_kw), jax.jit(apply, donate_argnums=(0, 1), **apply_kw)
 
@@ -269,14 +282,29 @@ def _sharder(mesh_cfg: ConfigDict, devices: list[jax.Device] | None) -> Sharder:
         raise ConfigError(str(e)) from None
 
 
-def _initial_state(cfg: ConfigDict, model_dir: Path, optimizer: optax.GradientTransformation, sh: Sharder,
-                   state_sh: Any) -> dict:
-    """HF weights read straight into their shards; Adam's moments created on the mesh beside them."""
+def _load_weights(cfg: ConfigDict, model_dir: Path, sh: Sharder, state_sh: Any, frozen_sh: Any) -> tuple[dict, dict]:
+    """(trainable, frozen) weights: HF weights read straight into their shards; with LoRA, adapters added
+    (seeded by `train.seed`) and the base quantised if asked, then both parts placed on the mesh."""
     decoder = sh.load_hf(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
-    params = nnx.to_pure_dict(nnx.state(decoder))
-    del decoder
+    if cfg.lora.rank == 0:
+        return nnx.to_pure_dict(nnx.state(decoder)), {}
+    _, trainable, frozen = lora.split(lora.apply(decoder, cfg.lora, cfg.train.seed))
+    return jax.device_put(trainable, state_sh["params"]), jax.device_put(frozen, frozen_sh)
+
+
+def _initial_state(cfg: ConfigDict, params: dict, optimizer: optax.GradientTransformation, state_sh: Any) -> dict:
+    """Adam's moments created on the mesh beside the parameters."""
     init = jax.jit(lambda p: init_state(p, optimizer, cfg.train.seed), out_shardings=state_sh, donate_argnums=0)
     return init(params)
+
+
+def _dropout_seed(cfg: ConfigDict, step: int, micro: int, rows: int) -> dict:
+    """The LoRA dropout seed of one micro-batch (a function of seed, step and micro-batch, so resumes repeat it),
+    one copy per row so that it splits over the batch axes like the rows."""
+    if cfg.lora.rank == 0 or cfg.lora.dropout == 0:
+        return {}
+    seed = int(np.random.SeedSequence([cfg.train.seed, step, micro]).generate_state(1)[0] >> 1)
+    return dict(dropout_seed=np.full((rows, 1), seed, np.int32))
 
 
 def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
@@ -301,11 +329,15 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir)
-    examples = data.tokenize(rows, tokenizer, d.tag_set, d.max_seq_length, d.name)
+    examples = data.tokenize(rows, tokenizer, d.tag_set, d.max_seq_length, d.name, d.chat_format)
     n = len(examples.ids)
     info("%s (%s mode): %d examples, %d dropped with no response token left after truncation to %d tokens",
          d.name, d.mode, n, examples.dropped, d.max_seq_length)
     model_cfg = M.from_hf_config(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    try:
+        lora.check_model(model_cfg, cfg.lora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     per_epoch = data.steps_per_epoch(n, t.global_batch)
     total = per_epoch * t.epochs
     optimizer = make_optimizer(cfg.optim, total)
@@ -323,16 +355,19 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
     if writer:
         _resume_config(out, cfg)
     ckpts = checkpoint.Checkpoints(out / "checkpoints", t.checkpoint_every, t.max_to_keep)
-    graphdef = nnx.split(sh.pin_activations(M.abstract(model_cfg)))[0]
-    abstract = abstract_state(model_cfg, optimizer, t.seed, sh)
-    state_sh = jax.tree.map(lambda s: s.sharding, abstract)
+    graphdef = nnx.split(sh.pin_activations(lora.abstract(model_cfg, cfg.lora)))[0]
+    abstract, frozen_abstract = abstract_state(model_cfg, optimizer, t.seed, sh, cfg.lora)
+    state_sh, frozen_sh = (jax.tree.map(lambda s: s.sharding, a) for a in (abstract, frozen_abstract))
     restored = ckpts.restore_latest(abstract)  # orbax reads each array straight into its shards
+    params, frozen = (_load_weights(cfg, model_dir, sh, state_sh, frozen_sh) if restored is None or cfg.lora.rank
+                      else (None, {}))
     if restored is None:
-        state, meta = _initial_state(cfg, model_dir, optimizer, sh, state_sh), dict(step=0, epoch=0, position=0)
+        state, meta = _initial_state(cfg, params, optimizer, state_sh), dict(step=0, epoch=0, position=0)
     else:
         state, meta = restored
         info("resuming from step %d (epoch %d, batch %d) in %s", meta["step"], meta["epoch"], meta["position"], out)
-    micro_step, apply_step = build_steps(graphdef, optimizer, state_sh, batch_sh)
+    del params
+    micro_step, apply_step = build_steps(graphdef, optimizer, state_sh, batch_sh, frozen_sh)
     schedule = lr_schedule(cfg.optim, total)
     metrics_path = out / "metrics.jsonl"
     rows_logged = _metrics_upto(metrics_path, meta["step"])
@@ -355,9 +390,10 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
                     batch_ids = order[position * t.global_batch:(position + 1) * t.global_batch]
                     micros = data.micro_batches(examples, batch_ids, t.micro_batch, sizes)
                     losses = []
-                    for b, w in zip(micros, loss_weights(micros, t.reduction)):
+                    for k, (b, w) in enumerate(zip(micros, loss_weights(micros, t.reduction))):
                         mine = dict(tokens=b["tokens"][local], mask=b["mask"][local], weights=w[local])
-                        accum, part = micro_step(state["params"], accum, sh.global_batch(mine, t.micro_batch))
+                        mine |= _dropout_seed(cfg, step, k, len(mine["tokens"]))
+                        accum, part = micro_step(state["params"], accum, sh.global_batch(mine, t.micro_batch), frozen)
                         losses.append(part)
                     loss = float(np.sum(np.asarray(jax.device_get(losses), np.float64)))
                     if not math.isfinite(loss):
@@ -389,9 +425,15 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
         tok_dir = Path(cfg.model.tokenizer or model_dir)
         if writer and not tok_dir.is_dir():
             tok_dir = Path(tokenizer.save_pretrained(out / "tokenizer")[0]).parent
-        hf_dir = convert.export_hf(nnx.merge(graphdef, state["params"]), out / "hf",
-                                   tokenizer_dir=tok_dir if writer else None,
-                                   chat_template=prompts.chat_template(d.tag_set))
+        if cfg.lora.rank:  # RT merges the adapter into the unquantised base weights
+            base = sh.load_hf(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+            final = lora.with_adapters(base, cfg.lora, state["params"])
+            lora.export_peft(final, cfg.lora, out / "adapter", base_model=str(cfg.model.path))
+            final = lora.merged(final)
+        else:
+            final = nnx.merge(graphdef, state["params"])
+        hf_dir = convert.export_hf(final, out / "hf", tokenizer_dir=tok_dir if writer else None,
+                                   chat_template=prompts.chat_template(d.tag_set, d.chat_format))
     plot = plot_loss(rows_logged, out / "loss.png") if writer else out / "loss.png"
     return RunResult(out, hf_dir, metrics_path, plot, step, loss, n, examples.dropped, state)
 

@@ -139,17 +139,23 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen, step: int, timeout: f
     raise AssertionError(f"no checkpoint {step} appeared (exit code {proc.poll()})")
 
 
+def kill_after_checkpoint(cmd: list[str], out: Path, step: int = 3) -> dict:
+    """Run the training command `cmd` until checkpoint `step` is on disk, SIGKILL it; the env to rerun it with."""
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1.0", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for_checkpoint(out, proc, step)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return env
+
+
 def test_exact_resume_after_sigkill(reference, tiny_smol_dir, data_dir, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "jax_implicit.train", f"--config={CPU_CONFIG}:response"]
     cmd += [f"--config.{k}={v}" for k, v in overrides(tiny_smol_dir, data_dir, out).items()]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1.0", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    wait_for_checkpoint(out, proc, 3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    env = kill_after_checkpoint(cmd, out)
     assert not (out / "hf").exists(), "the run finished before it was killed"
     killed_at = max(int(p.name) for p in (out / "checkpoints").glob("*") if p.name.isdigit())
     assert killed_at < 12
