@@ -10,7 +10,7 @@ import torch
 from test_train import ONE_DEVICE, ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jax_implicit import convert, decode, lora, train
+from jax_implicit import cli, convert, decode, lora, train
 
 PROMPTS = ["<|user|>\nName three primary colors.\n<|assistant|>\n", "<|user|>\nWhat is 7 times 8?\n<|assistant|>\n"]
 
@@ -18,7 +18,7 @@ PROMPTS = ["<|user|>\nName three primary colors.\n<|assistant|>\n", "<|user|>\nW
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", ["lora", "nf4"])
 def test_gemma3_270m_rt_run_lowers_loss_and_merged_export_decodes_alike(storage, gemma3_270m_dir, data_dir, tmp_path):
-    cfg = train._load_config_file(f"{ROOT}/configs/train/rt.py:gemma3_270m_cpu,response" + (",lora" * (storage == "lora")))
+    cfg = cli.load(f"{ROOT}/configs/train/rt.py:gemma3_270m_cpu,response" + (",lora" * (storage == "lora")))
     cfg.model.path = str(gemma3_270m_dir)
     cfg.data.update(path=str(data_dir / "lima/lima_data.jsonl"), limit=4, max_seq_length=64, bucket_min=64)
     cfg.optim.lr = 1e-3  # RT's 1e-4 is for 10 epochs of LIMA; here 3 steps over the same 4 rows

@@ -17,7 +17,7 @@ from test_model import padded_batch
 from test_train import CPU_CONFIG, ONE_DEVICE, ROOT, kill_after_checkpoint, overrides, tiny_config
 from transformers import AutoModelForCausalLM
 
-from jax_implicit import convert, lora, train
+from jax_implicit import cli, convert, lora, train
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.1, "lora.quant": "nf4", "optim.schedule": "constant",
         "optim.clip_norm": 0.3, "optim.lr": 3e-2}
@@ -102,7 +102,7 @@ def test_rt_configs_hold_the_response_tuning_recipe():
     for model in ("llama31_8b", "gemma2_9b", "mistral_7b", "gemma3_270m_cpu"):
         for mode in ("response", "instruction"):
             for storage, quant in (("", "nf4"), (",lora", "none"), (",int8", "int8")):
-                cfg = train._load_config_file(f"{ROOT}/configs/train/rt.py:{model},{mode}{storage}")
+                cfg = cli.load(f"{ROOT}/configs/train/rt.py:{model},{mode}{storage}")
                 train.check_config(cfg)
                 assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.quant) == (64, 16.0, 0.1, quant)
                 assert set(cfg.lora.targets) == set(lora.TARGETS) and cfg.data.chat_format == "rt"
@@ -113,7 +113,7 @@ def test_rt_configs_hold_the_response_tuning_recipe():
                     assert (cfg.train.epochs, cfg.train.global_batch, cfg.train.micro_batch) == (10, 64, 8)
                     assert cfg.data.max_seq_length == 2048 and cfg.model.dtype == "bfloat16"
     with pytest.raises(ValueError, match="needs one model"):
-        train._load_config_file(f"{ROOT}/configs/train/rt.py:llama31_8b,response,lora,int8")
+        cli.load(f"{ROOT}/configs/train/rt.py:llama31_8b,response,lora,int8")
     schedule = train.lr_schedule(cfg.optim, 100)
     assert float(schedule(0)) == float(schedule(99)) == pytest.approx(1e-4)
 
