@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_implicit import memory
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "olmo", "gemma3_text")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORMS = ("rms", "layernorm", "gemma_rms")
@@ -61,6 +63,8 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()  # per layer, one of LAYER_TYPES; () means all full attention
     sliding_window: int | None = None  # a sliding layer's query sees keys fewer than this many slots back
     rope_local_theta: float | None = None  # RoPE base of the sliding layers (None: rope_theta)
+    remat: str = "none"  # rematerialisation policy of the layer scan (memory.REMAT_POLICIES)
+    loss_chunk: int = 0  # tokens per chunk of the training loss (memory.cross_entropy_sum); 0: all at once
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -68,6 +72,8 @@ class ModelConfig:
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"{field}={getattr(self, field)!r}; expected one of {sorted(DTYPES)}")
+        if self.remat not in memory.REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; expected one of {tuple(memory.REMAT_POLICIES)}")
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r}; expected one of {NORMS}")
         if self.activation not in ("silu", "gelu_tanh"):
@@ -305,7 +311,20 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Logits (float32) for `tokens` (batch, seq).
+        """Logits (float32) for `tokens` (batch, seq): `hidden` then the output embedding."""
+        x, cache = self.hidden(tokens, positions, mask, cache)
+        dt = DTYPES[self.cfg.dtype]
+        logits = jnp.einsum("btd,vd->btv", x, self.head()[...].astype(dt), preferred_element_type=jnp.float32)
+        return (self.activation_sharding or (lambda a, _: a))(logits, ("batch", "seq", "vocab")), cache
+
+    def head(self) -> nnx.Param:
+        """The output embedding (vocab, embed): the input embedding when tied."""
+        return self.embed if self.cfg.tie_word_embeddings else self.lm_head
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The final-norm outputs (batch, seq, embed) in the compute dtype, before the output embedding
+        (so a loss can apply the head in chunks: `memory.cross_entropy_sum`).
 
         `positions` are the RoPE positions, `mask` is True on real tokens. Without a cache every token
         attends causally to the real tokens of its own sequence; with one, the new keys are written at
@@ -343,14 +362,11 @@ class Decoder(nnx.Module):
         kv_in = None if cache is None else (cache.k, cache.v)
         sliding = jnp.asarray(cfg.sliding_layers)
         layers = (self.layers.weights(), sliding, jnp.arange(cfg.num_layers))
-        (x, kv_out), _ = jax.lax.scan(layer, (x, kv_in), layers)
+        (x, kv_out), _ = jax.lax.scan(memory.remat(layer, cfg.remat), (x, kv_in), layers)
         x = _norm(cfg, x, self.final_norm[...] if cfg.norm != "layernorm" else None)
-        head = self.embed if cfg.tie_word_embeddings else self.lm_head
-        logits = jnp.einsum("btd,vd->btv", x.astype(dt), head[...].astype(dt), preferred_element_type=jnp.float32)
-        logits = pin(logits, ("batch", "seq", "vocab"))
         if cache is not None:
             cache = KVCache(kv_out[0], kv_out[1], valid, cache.index + seq)
-        return logits, cache
+        return x.astype(dt), cache
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -413,14 +429,12 @@ def _block(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin, attend, kv, index)
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, attend: jax.Array, scalar: float) -> jax.Array:
-    """Grouped-query attention: q (B,T,H,Dh), k/v (B,S,K,Dh), attend (B,T,S) bool; scores / sqrt(scalar)."""
-    b, t, h, dh = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(scalar)
-    scores = jnp.where(attend[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+    """Grouped-query attention: q (B,T,H,Dh), k/v (B,S,K,Dh), attend (B,T,S) bool; scores / sqrt(scalar).
+
+    `jax.nn.dot_product_attention` picks cuDNN's fused kernel on GPUs where it applies and XLA's
+    float32-score softmax elsewhere (the same numbers as transformers' eager attention).
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=attend[:, None], scale=1 / math.sqrt(scalar))
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
