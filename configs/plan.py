@@ -19,7 +19,11 @@ def get_config(model: str = "llama2_7b") -> ConfigDict:
         model=config.model(MODELS[model], param_dtype="float32", dtype="bfloat16"),
         mesh=config.mesh(data=1, fsdp=-1, tensor=1, rules="fsdp"),
         data=dict(max_seq_length=2048),
-        train=dict(micro_batch=8),
+        train=dict(micro_batch=8, global_batch=64),
         hardware="all",
+        # `compile_for`: a target of jax_implicit.aot.TARGETS or "all": compile the training micro-step and the
+        # decoder for it (libtpu, no TPU needed) instead of planning; exit status 1 if either does not fit.
+        compile_for="",
+        decode=dict(batch=64, slots=2048, prompt=512, param_dtype="bfloat16", dtype="bfloat16"),
         headroom=0.9,
     ))
