@@ -166,8 +166,11 @@ def decode_program(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int, prom
     return _compile(lowered, _per_device((state, ids, mask, mask, cache)), 0, available)
 
 
-def decode_estimate(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int) -> int:
-    """The planner's per-device bytes for decoding: weights, the KV cache, float32 logits and scores of one step."""
+def decode_estimate(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int, prompt: int) -> int:
+    """The planner's per-device bytes for decoding: weights, the KV cache, one layer of the prefill (everything a
+    layer's forward makes for `prompt` tokens attending over `slots` keys) and a step's float32 logits."""
+    from jax_implicit import plan as P
+
     decoder = M.abstract(cfg)
     state = nnx.state(decoder)
     weights = _per_device(jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), state,
@@ -175,8 +178,9 @@ def decode_estimate(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int) -> 
     cache = jax.eval_shape(lambda: M.KVCache.init(cfg, batch, slots))
     cache = _per_device(jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), cache,
                                      sh.cache(cache)))
-    rows = math.prod(sh.rows((batch, 1)).shard_shape((batch, 1)))
-    return weights + cache + rows * (2 * 4 * cfg.vocab_size + 4 * cfg.num_heads * slots)
+    rows = sh.rows((batch, 1)).shard_shape((batch, 1))[0]
+    prefill = rows * prompt * P.layer_bytes_per_token(cfg, slots, P.tensor_split(cfg, sh))
+    return weights + cache + prefill + rows * 2 * 4 * cfg.vocab_size
 
 
 def report(cfg: M.ModelConfig, name: str, mesh_cfg, target: str, micro_batch: int, seq: int, decode_cfg,
@@ -198,7 +202,7 @@ def report(cfg: M.ModelConfig, name: str, mesh_cfg, target: str, micro_batch: in
     estimate = P.plan(cfg, mesh_cfg, hw, micro_batch, seq, headroom).total
     dec_cfg = cfg.replace(param_dtype=decode_cfg.param_dtype, dtype=decode_cfg.dtype)
     dec = decode_program(dec_cfg, sh, decode_cfg.batch, decode_cfg.slots, decode_cfg.prompt, t.device_bytes)
-    dec_estimate = decode_estimate(dec_cfg, sh, decode_cfg.batch, decode_cfg.slots)
+    dec_estimate = decode_estimate(dec_cfg, sh, decode_cfg.batch, decode_cfg.slots, decode_cfg.prompt)
     for what, c, est in ((f"train micro-step {micro_batch} x {seq} ({cfg.param_dtype} masters, {cfg.dtype} compute, "
                           f"remat {cfg.remat}, loss chunk {cfg.loss_chunk or 'none'})", step, estimate),
                          (f"decode {decode_cfg.batch} rows x {decode_cfg.slots} cache slots ({dec_cfg.param_dtype})",

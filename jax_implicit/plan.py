@@ -165,8 +165,16 @@ def kept_bytes_per_token(cfg: M.ModelConfig, seq: int, split: Mapping[str, int])
     D, Dh = cfg.hidden_size, cfg.head_dim
     if cfg.remat == "full":
         return c * D
-    h, k, f = cfg.num_heads // split["heads"], cfg.num_kv_heads // split["kv_heads"], cfg.intermediate_size // split["mlp"]
+    h, k = cfg.num_heads // split["heads"], cfg.num_kv_heads // split["kv_heads"]
+    f = cfg.intermediate_size // split["mlp"]
     return c * (2 * D + (h + 2 * k) * Dh + 2 * f)
+
+
+def tensor_split(cfg: M.ModelConfig, sh: Sharder) -> dict[str, int]:
+    """How many devices share the heads, kv_heads, mlp and vocab axes under `sh`'s rules."""
+    return {a: getattr(cfg, n) // _elems(sh, (a,), (getattr(cfg, n),))
+            for a, n in (("heads", "num_heads"), ("kv_heads", "num_kv_heads"), ("mlp", "intermediate_size"),
+                         ("vocab", "vocab_size"))}
 
 
 def activation_bytes(cfg: M.ModelConfig, sh: Sharder, micro_batch: int, seq: int) -> int:
@@ -176,9 +184,7 @@ def activation_bytes(cfg: M.ModelConfig, sh: Sharder, micro_batch: int, seq: int
     attention mask), its rows split by the batch rules and its heads, MLP width and vocabulary by the
     tensor rules."""
     rows = _elems(sh, ("batch",), (micro_batch,))
-    split = {a: getattr(cfg, n) // _elems(sh, (a,), (getattr(cfg, n),))
-             for a, n in (("heads", "num_heads"), ("kv_heads", "num_kv_heads"), ("mlp", "intermediate_size"),
-                          ("vocab", "vocab_size"))}
+    split = tensor_split(cfg, sh)
     V, H = cfg.vocab_size, cfg.num_heads
     logits = 8 * (V // split["vocab"])  # float32 logits and their gradient, per token
     chunked = 0 < cfg.loss_chunk < seq
@@ -212,8 +218,8 @@ def plan(cfg: M.ModelConfig, mesh_cfg: Mapping[str, Any], hardware: str | Hardwa
         "workspace": layer_tp * (c + 4) if gathered else 0,
     }
     total_params = sum(math.prod(s) for _, s in leaves)
-    return Plan(hardware if isinstance(hardware, str) else hw.note, dict(zip(MESH_AXES, shape)), micro_batch, rows, total_params, components,
-                int(headroom * hw.bytes_per_device))
+    return Plan(hardware if isinstance(hardware, str) else hw.note, dict(zip(MESH_AXES, shape)), micro_batch, rows,
+                total_params, components, int(headroom * hw.bytes_per_device))
 
 
 def largest_micro_batch(cfg: M.ModelConfig, mesh_cfg: Mapping[str, Any], hardware: str | Hardware, seq: int,
@@ -237,7 +243,8 @@ def suggest(cfg: M.ModelConfig, mesh_cfg: Mapping[str, Any], hardware: str | Har
     chunk = cfg.loss_chunk or (512 if seq > 512 else 0)
     for remat in ("none", "dots", "full"):
         for loss_chunk in dict.fromkeys((cfg.loss_chunk, chunk)):
-            if plan(cfg.replace(remat=remat, loss_chunk=loss_chunk), mesh_cfg, hardware, micro_batch, seq, headroom).fits:
+            candidate = cfg.replace(remat=remat, loss_chunk=loss_chunk)
+            if plan(candidate, mesh_cfg, hardware, micro_batch, seq, headroom).fits:
                 return f"model.remat={remat!r} model.loss_chunk={loss_chunk}"
     lightest = cfg.replace(remat="full", loss_chunk=chunk)
     best = largest_micro_batch(lightest, mesh_cfg, hardware, seq, headroom)
