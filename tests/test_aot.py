@@ -2,6 +2,7 @@
 micro-step and decoding program, their per-device sizes, and the compiler's refusal of what does not fit."""
 
 import pytest
+from ml_collections import ConfigDict
 
 from jax_implicit import aot
 from jax_implicit import model as M
@@ -36,10 +37,16 @@ def test_decode_program_sizes_grow_with_batch_and_cache(sh):
     assert base.fits and base.peak < wide.peak and base.peak < long.peak
 
 
-def test_a_program_that_does_not_fit_is_refused_and_chunked_loss_makes_it_fit(sh):
-    """Gemma-sized vocabulary: 4 rows x 4096 tokens x 262144 float32 logits per device are 16 GiB."""
+def test_a_program_that_does_not_fit_is_refused_and_chunked_loss_makes_it_fit(sh, capsys):
+    """Gemma-sized vocabulary: 4 rows x 4096 tokens x 262144 float32 logits per device are 16 GiB.
+    The command (`plan --config.compile_for=...`) reports the refusal, a fix, and exits non-zero."""
     vocab = TINY.replace(vocab_size=262144, num_layers=1)
-    full = aot.train_step(vocab, sh, 32, 4096, HBM)
-    assert full.refused and not full.fits and full.peak > HBM
-    chunked = aot.train_step(vocab.replace(loss_chunk=256), sh, 32, 4096, HBM)
+    cfg = ConfigDict(dict(compile_for="tpu-v5e-8", model=dict(path="tiny"), mesh=FSDP,
+                          data=dict(max_seq_length=4096), train=dict(micro_batch=32),
+                          decode=dict(batch=8, slots=256, prompt=16, param_dtype="bfloat16", dtype="bfloat16")))
+    assert aot.main(cfg, vocab) == 1
+    out = capsys.readouterr().out
+    assert "refused by the compiler (RESOURCE_EXHAUSTED)" in out and "does NOT fit" in out
+    assert "to fit: model.remat='none' model.loss_chunk=512 (planner)" in out
+    chunked = aot.train_step(vocab.replace(loss_chunk=512), sh, 32, 4096, HBM)
     assert chunked.fits and chunked.peak < HBM / 2
