@@ -167,8 +167,10 @@ def decode_program(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int, prom
 
 
 def decode_estimate(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int, prompt: int) -> int:
-    """The planner's per-device bytes for decoding: weights, the KV cache, one layer of the prefill (everything a
-    layer's forward makes for `prompt` tokens attending over `slots` keys) and a step's float32 logits."""
+    """The planner's per-device bytes for decoding: weights, the KV cache, one layer of the prefill and a step's
+    float32 logits. The prefill layer is everything a layer's forward makes for `prompt` tokens attending
+    over `slots` keys (`plan.layer_bytes_per_token`), the float32 exponentials the softmax holds beside
+    the scores, and the layer's keys and values read out of the cache."""
     from jax_implicit import plan as P
 
     decoder = M.abstract(cfg)
@@ -179,7 +181,10 @@ def decode_estimate(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int, pro
     cache = _per_device(jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), cache,
                                      sh.cache(cache)))
     rows = sh.rows((batch, 1)).shard_shape((batch, 1))[0]
-    prefill = rows * prompt * P.layer_bytes_per_token(cfg, slots, P.tensor_split(cfg, sh))
+    split = P.tensor_split(cfg, sh)
+    heads, kv_heads = cfg.num_heads // split["heads"], cfg.num_kv_heads // split["kv_heads"]
+    prefill = rows * (prompt * (P.layer_bytes_per_token(cfg, slots, split) + 4 * heads * slots)
+                      + 2 * slots * kv_heads * cfg.head_dim * np.dtype(M.DTYPES[cfg.dtype]).itemsize)
     return weights + cache + prefill + rows * 2 * 4 * cfg.vocab_size
 
 
