@@ -44,7 +44,7 @@ def get_config(spec: str = "llama2_7b,response,10,seed1"):
 
     cfg = train.default_config()
     # float32 masters and Adam moments, bfloat16 compute; remat of every layer and a chunked loss: with FSDP over
-    # the whole slice this fits 8 x 80 GB GPUs, TPU v5p-8 and v5e-16 (compiled: jax_implicit.aot, NOTES-scale.md)
+    # the whole slice this fits 8 x 80 GB GPUs, TPU v5p-8 and v5e-16 (compiled: jax_implicit.aot; README)
     cfg.model.update(path=path, param_dtype="float32", dtype="bfloat16", remat="full", loss_chunk=512)
     cfg.mesh.update(data=1, fsdp=-1, tensor=1, rules="fsdp")
     if task in LIMA_MODES:
