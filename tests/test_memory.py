@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jax_implicit import memory, train
+from jax_implicit import train
 from jax_implicit import model as M
 
 # GQA (4 query heads on 2 KV heads), Gemma-style sliding window on the first layer, tied head.
