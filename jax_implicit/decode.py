@@ -193,12 +193,19 @@ def eos_ids_for(cfg: M.ModelConfig, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def sharded_cache(cfg: M.ModelConfig, sharder, rows: int, slots: int) -> M.KVCache:
+    """An empty KV cache made directly in its shards (rows like the batch, KV heads like the parameters)."""
+    make = lambda: M.KVCache.init(cfg, rows, slots)
+    return jax.jit(make, out_shardings=sharder.cache(jax.eval_shape(make)))()
+
+
 def generate_texts(decoder: M.Decoder, tokenizer, instructions: Sequence[str], *, max_new_tokens: int,
                    rules: R.RuleTables | None = None, tag_set: str = "user_assistant", batch_size: int = 16,
                    bucket: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                   on_batch: Callable[[int, int], None] | None = None) -> list[str]:
+                   on_batch: Callable[[int, int], None] | None = None, sharder=None) -> list[str]:
     """Responses to `instructions`, in order. Prompts are sorted by length and batched so padding
-    stays small; `on_batch(rows, new_tokens)` is called after each batch (progress bars)."""
+    stays small; `on_batch(rows, new_tokens)` is called after each batch (progress bars). With a
+    `sharding.Sharder` (the decoder already on its mesh) each batch's KV cache is created in its shards."""
     cfg = decoder.cfg
     encoded = encode_all(tokenizer, instructions, tag_set, max_new_tokens, cfg.max_position_embeddings)
     eos = eos_ids_for(cfg, tokenizer)
@@ -209,9 +216,11 @@ def generate_texts(decoder: M.Decoder, tokenizer, instructions: Sequence[str], *
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         ids, mask, seen = pad_batch([encoded[k] for k in chunk], min(batch_size, len(order)), bucket, pad_id)
+        slots = ids.shape[1] + max_new_tokens - 1
+        cache = None if sharder is None else sharded_cache(cfg, sharder, ids.shape[0], slots)
         tokens, lengths = generate(decoder, ids, mask, seen_mask=seen, max_new_tokens=max_new_tokens, rules=rules,
                                    eos_ids=eos, temperature=temperature, top_p=top_p,
-                                   key=jax.random.fold_in(key, start))
+                                   key=jax.random.fold_in(key, start), cache=cache)
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
         for r, k in enumerate(chunk):
             row = tokens[r, :lengths[r]]

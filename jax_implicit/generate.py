@@ -38,12 +38,15 @@ def names(cfg: ConfigDict) -> tuple[str, Path]:
     return generator, Path(cfg.output or f"outputs/generate/{generator}-{Path(cfg.data.instructions).stem}.json")
 
 
-def run(cfg: ConfigDict) -> Path:
-    """Decode every instruction of `cfg.data.instructions`; returns the output path."""
+def run(cfg: ConfigDict, devices: list | None = None) -> Path:
+    """Decode every instruction of `cfg.data.instructions` on the mesh of `cfg.mesh` (over `devices`, default
+    all); returns the output path. Weights are read into their shards and the KV cache is sharded like
+    them (`sharding.py`); process 0 writes."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from jax_implicit import convert, decode, model, rules
+    from jax_implicit import convert, decode, distributed, model, rules
+    from jax_implicit.sharding import Sharder
 
     if cfg.use_rules:
         rules.validate(cfg.rules)
@@ -58,7 +61,8 @@ def run(cfg: ConfigDict) -> Path:
     except ValueError as err:
         raise ValueError(f"{cfg.data.instructions}: {err}") from None
     generator, output = names(cfg)
-    decoder = convert.load_hf(path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    sh = Sharder.from_config(cfg.mesh, devices)
+    decoder = sh.load_hf(path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
     tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
 
     bar = tqdm(total=len(rows), unit="ins", desc=generator)
@@ -73,10 +77,11 @@ def run(cfg: ConfigDict) -> Path:
     outputs = decode.generate_texts(
         decoder, tokenizer, [r["instruction"] for r in rows], max_new_tokens=d.max_new_tokens, rules=tables,
         tag_set=d.tag_set, batch_size=d.batch_size, bucket=d.bucket, temperature=d.temperature, top_p=d.top_p,
-        seed=d.seed, on_batch=progress)
+        seed=d.seed, on_batch=progress, sharder=sh)
     bar.close()
-    io.write_atomic(output, json.dumps([{"instruction": r["instruction"], "output": o, "generator": generator,
-                                         "dataset": r["dataset"]} for r, o in zip(rows, outputs)], indent=2))
+    if distributed.is_writer():
+        io.write_atomic(output, json.dumps([{"instruction": r["instruction"], "output": o, "generator": generator,
+                                             "dataset": r["dataset"]} for r, o in zip(rows, outputs)], indent=2))
     logging.info("%d responses, %d tokens, %.1f tokens/s -> %s", len(rows), produced,
                  produced / (time.perf_counter() - start), output)
     return output

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_implicit import memory
 from jax_implicit.projection import project
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "olmo", "gemma3_text")
@@ -63,6 +64,8 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()  # per layer, one of LAYER_TYPES; () means all full attention
     sliding_window: int | None = None  # a sliding layer's query sees keys fewer than this many slots back
     rope_local_theta: float | None = None  # RoPE base of the sliding layers (None: rope_theta)
+    remat: str = "none"  # rematerialisation policy of the layer scan (memory.REMAT_POLICIES)
+    loss_chunk: int = 0  # tokens per chunk of the training loss (memory.cross_entropy_sum); 0: all at once
     # LoRA (`lora.py` adds the adapter weights): the delta's alpha / rank, and the dropout on its input.
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
@@ -73,6 +76,8 @@ class ModelConfig:
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"{field}={getattr(self, field)!r}; expected one of {sorted(DTYPES)}")
+        if self.remat not in memory.REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; expected one of {tuple(memory.REMAT_POLICIES)}")
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r}; expected one of {NORMS}")
         if self.activation not in ("silu", "gelu_tanh"):
@@ -310,7 +315,20 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
                  cache: KVCache | None = None, dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Logits (float32) for `tokens` (batch, seq).
+        """Logits (float32) for `tokens` (batch, seq): `hidden` then the output embedding."""
+        x, cache = self.hidden(tokens, positions, mask, cache, dropout_key)
+        dt = DTYPES[self.cfg.dtype]
+        logits = jnp.einsum("btd,vd->btv", x, self.head()[...].astype(dt), preferred_element_type=jnp.float32)
+        return (self.activation_sharding or (lambda a, _: a))(logits, ("batch", "seq", "vocab")), cache
+
+    def head(self) -> nnx.Param:
+        """The output embedding (vocab, embed): the input embedding when tied."""
+        return self.embed if self.cfg.tie_word_embeddings else self.lm_head
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The final-norm outputs (batch, seq, embed) in the compute dtype, before the output embedding
+        (so a loss can apply the head in chunks: `memory.cross_entropy_sum`).
 
         `positions` are the RoPE positions, `mask` is True on real tokens. Without a cache every token
         attends causally to the real tokens of its own sequence; with one, the new keys are written at
@@ -352,14 +370,11 @@ class Decoder(nnx.Module):
         if dropout_key is not None:
             weights["lora_key"] = jax.random.split(dropout_key, cfg.num_layers)
         layers = (weights, sliding, jnp.arange(cfg.num_layers))
-        (x, kv_out), _ = jax.lax.scan(layer, (x, kv_in), layers)
+        (x, kv_out), _ = jax.lax.scan(memory.remat(layer, cfg.remat), (x, kv_in), layers)
         x = _norm(cfg, x, self.final_norm[...] if cfg.norm != "layernorm" else None)
-        head = self.embed if cfg.tie_word_embeddings else self.lm_head
-        logits = jnp.einsum("btd,vd->btv", x.astype(dt), head[...].astype(dt), preferred_element_type=jnp.float32)
-        logits = pin(logits, ("batch", "seq", "vocab"))
         if cache is not None:
             cache = KVCache(kv_out[0], kv_out[1], valid, cache.index + seq)
-        return logits, cache
+        return x.astype(dt), cache
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -418,14 +433,12 @@ def _block(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin, attend, kv, index)
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, attend: jax.Array, scalar: float) -> jax.Array:
-    """Grouped-query attention: q (B,T,H,Dh), k/v (B,S,K,Dh), attend (B,T,S) bool; scores / sqrt(scalar)."""
-    b, t, h, dh = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(scalar)
-    scores = jnp.where(attend[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+    """Grouped-query attention: q (B,T,H,Dh), k/v (B,S,K,Dh), attend (B,T,S) bool; scores / sqrt(scalar).
+
+    `jax.nn.dot_product_attention` picks cuDNN's fused kernel on GPUs where it applies and XLA's
+    float32-score softmax elsewhere (the same numbers as transformers' eager attention).
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=attend[:, None], scale=1 / math.sqrt(scalar))
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

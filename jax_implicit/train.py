@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, cli, config, convert, data, distributed, io, lora, prompts
+from jax_implicit import checkpoint, cli, config, convert, data, distributed, io, lora, memory, prompts
 from jax_implicit import model as M
 from jax_implicit.plan import activation_bytes
 from jax_implicit.sharding import Sharder
@@ -100,6 +100,10 @@ def check_config(cfg: ConfigDict) -> None:
         (1 <= cfg.data.bucket_min, f"data.bucket_min={cfg.data.bucket_min} must be >= 1"),
         (cfg.model.param_dtype in M.DTYPES and cfg.model.dtype in M.DTYPES,
          f"model dtypes {cfg.model.param_dtype!r}/{cfg.model.dtype!r}; expected {sorted(M.DTYPES)}"),
+        (cfg.model.remat in memory.REMAT_POLICIES,
+         f"model.remat={cfg.model.remat!r}; expected one of {tuple(memory.REMAT_POLICIES)}"),
+        (cfg.model.loss_chunk >= 0, f"model.loss_chunk={cfg.model.loss_chunk} must be >= 0 (0: no chunking)"),
+        (not memory.precision_error(cfg.model), memory.precision_error(cfg.model)),
     ]
     for ok, message in checks:
         if not ok:
@@ -138,15 +142,17 @@ def make_optimizer(optim: ConfigDict, total_steps: int) -> optax.GradientTransfo
 
 
 def loss_sum(params: dict, graphdef: nnx.GraphDef, batch: dict) -> jax.Array:
-    """Sum over target tokens of weight * cross-entropy; token t is predicted from the logits at t - 1."""
+    """Sum over target tokens of weight * cross-entropy; token t is predicted from position t - 1.
+
+    The head is applied `cfg.loss_chunk` tokens at a time (`memory.cross_entropy_sum`)."""
     model = nnx.merge(graphdef, params)
     tokens, mask = batch["tokens"], batch["mask"]
     key = jax.random.PRNGKey(batch["dropout_seed"][0, 0]) if "dropout_seed" in batch else None  # LoRA dropout
-    logits, _ = model(tokens, M.positions_from_mask(mask), mask, dropout_key=key)
-    logits, targets = logits[:, :-1], tokens[:, 1:]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
-    return jnp.sum(nll * batch["weights"][:, 1:])
+    hidden, _ = model.hidden(tokens, M.positions_from_mask(mask), mask, dropout_key=key)
+    targets = jnp.roll(tokens, -1, axis=1)  # the wrapped-around last target has weight 0
+    weights = jnp.pad(batch["weights"][:, 1:], ((0, 0), (0, 1)))
+    return memory.cross_entropy_sum(hidden, model.head()[...], targets, weights, model.cfg.loss_chunk,
+                                    model.activation_sharding or (lambda a, _: a))
 
 
 def loss_weights(micro_batches: list[dict], reduction: str) -> list[np.ndarray]:
@@ -333,7 +339,8 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
     n = len(examples.ids)
     info("%s (%s mode): %d examples, %d dropped with no response token left after truncation to %d tokens",
          d.name, d.mode, n, examples.dropped, d.max_seq_length)
-    model_cfg = M.from_hf_config(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    model_cfg = M.from_hf_config(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype).replace(
+        **memory.options(cfg.model))
     try:
         lora.check_model(model_cfg, cfg.lora)
     except ValueError as e:

@@ -69,10 +69,13 @@ def test_tensor_split_divides_heads_and_mlp():
     assert b.bytes["workspace"] == (layer + norms) * 6
 
 
-@pytest.mark.parametrize("kind,dtype", [("llama", "bfloat16"), ("olmo", "bfloat16"), ("llama", "float32")])
-def test_activation_formula_equals_jax_vjp_residuals(kind, dtype):
+@pytest.mark.parametrize("kind,dtype,remat", [("llama", "bfloat16", "none"), ("olmo", "bfloat16", "none"),
+                                              ("llama", "float32", "none"), ("llama", "bfloat16", "full"),
+                                              ("olmo", "bfloat16", "dots")])
+def test_activation_formula_equals_jax_vjp_residuals(kind, dtype, remat):
     """Per layer and token, the planner's bytes are exactly what jax.vjp keeps for this model's loss."""
-    cfg = M.ModelConfig(kind, 1000, 64, 176, 3, 4, 2, 16, dtype=dtype, norm="layernorm" if kind == "olmo" else "rms")
+    cfg = M.ModelConfig(kind, 1000, 64, 176, 3, 4, 2, 16, dtype=dtype, norm="layernorm" if kind == "olmo" else "rms",
+                        remat=remat)
     B, T = 2, 24
     graphdef, params = nnx.split(M.abstract(cfg))
 
@@ -85,8 +88,8 @@ def test_activation_formula_equals_jax_vjp_residuals(kind, dtype):
     nbytes = lambda x: int(np.prod(x.shape)) * x.dtype.itemsize
     per_layer = sum(nbytes(r) for r in residuals if r.shape[:2] == (3, B))
     one = dict(heads=1, kv_heads=1, mlp=1)
-    assert per_layer == 3 * B * T * P.layer_bytes_per_token(cfg, T, one)
-    if dtype != cfg.param_dtype:  # the bf16 weight casts kept per layer = the layer weights at 2 bytes
+    assert per_layer == 3 * B * T * P.kept_bytes_per_token(cfg, T, one)
+    if dtype != cfg.param_dtype and remat == "none":  # the bf16 weight casts kept per layer = the layer weights at 2 bytes
         casts = sum(nbytes(r) for r in residuals if r.shape[0] == 3 and r.shape[1] != B)
         layer_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.to_pure_dict(params["layers"])))
         assert casts == layer_params * 2
@@ -95,10 +98,11 @@ def test_activation_formula_equals_jax_vjp_residuals(kind, dtype):
 def test_plan_command_prints_every_accelerator():
     out = subprocess.run([sys.executable, "-m", "jax_implicit.plan", "--config=configs/plan.py:olmo_7b"],
                          capture_output=True, text=True, check=True).stdout
-    assert out.count("allenai/OLMo-7B-hf (6.89 B parameters") == 3
+    assert out.count("allenai/OLMo-7B-hf (6.89 B parameters") == len(P.HARDWARE)
     for hw in P.HARDWARE:
         assert f"on {hw} (" in out
-    assert out.count("does NOT fit") == 2 and out.count(": fits;") == 1
+    assert out.count("does NOT fit") == 4 and out.count(": fits;") == 2  # only the 8 x 80 GB GPU hosts
+    assert out.count("  to fit: ") == 4 and out.count("  roofline: ") == len(P.HARDWARE)
 
 
 def test_bad_inputs_are_named():
@@ -110,3 +114,19 @@ def test_bad_inputs_are_named():
         P.plan(LLAMA, dict(data=3, fsdp=1, tensor=1), "tpu-v4-8", 8, 2048)
     with pytest.raises(FileNotFoundError, match="model.path='nowhere'"):
         P.model_config("nowhere", "float32", "float32")
+
+
+def test_remat_and_chunked_loss_shrink_activations_and_the_planner_suggests_them():
+    base = P.plan(LLAMA, FSDP, "tpu-v5p-8", 8, 2048)
+    full = P.plan(LLAMA.replace(remat="full", loss_chunk=512), FSDP, "tpu-v5p-8", 8, 2048)
+    assert not base.fits and full.fits
+    assert full.bytes["activations"] < 0.1 * base.bytes["activations"] and full.bytes["weight copies"] == 0
+    # 2 rows per device: 32 layers keep their bf16 input (2 x 4096 bytes per token), one layer is recomputed,
+    # and 512 tokens of float32 logits and their gradient exist at a time
+    split = dict(heads=1, kv_heads=1, mlp=1)
+    final = 4 * 32 * 2048 + P.norm_bytes_per_token(LLAMA)
+    assert full.bytes["activations"] == 2 * (2048 * (32 * 2 * 4096 + P.layer_bytes_per_token(LLAMA, 2048, split) + final)
+                                             + 512 * 8 * 32000)
+    assert P.suggest(LLAMA, FSDP, "tpu-v5p-8", 8, 2048) == "model.remat='dots' model.loss_chunk=0"
+    assert P.suggest(LLAMA, FSDP, "tpu-v5e-16", 16, 2048) == "model.remat='full' model.loss_chunk=0"
+    assert P.suggest(LLAMA, FSDP, "tpu-v5e-8", 8, 2048).startswith("a larger accelerator: tpu-v5e-16")
