@@ -136,7 +136,7 @@ def _per_device(tree: Any) -> int:
 def train_step(cfg: M.ModelConfig, sh: Sharder, micro_batch: int, seq: int, available: int) -> Compiled:
     """Compile `train.build_steps`' micro-step for (micro_batch, seq) tokens on `sh`'s mesh."""
     optimizer = optax.adam(1e-5)
-    abstract = train.abstract_state(cfg, optimizer, 0, sh)
+    abstract, _ = train.abstract_state(cfg, optimizer, 0, sh)  # full finetuning: nothing frozen
     state_sh = jax.tree.map(lambda s: s.sharding, abstract)
     batch_sh = sh.rows((micro_batch, seq))
     graphdef = nnx.split(sh.pin_activations(M.abstract(cfg)))[0]
@@ -144,7 +144,7 @@ def train_step(cfg: M.ModelConfig, sh: Sharder, micro_batch: int, seq: int, avai
     accum = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), abstract["params"])
     batch = {k: jax.ShapeDtypeStruct((micro_batch, seq), dt, sharding=batch_sh)
              for k, dt in (("tokens", jnp.int32), ("mask", jnp.bool_), ("weights", jnp.float32))}
-    args = (abstract["params"], accum, batch)
+    args = (abstract["params"], accum, batch, {})  # no frozen weights
     return _compile(micro.lower(*args), _per_device(args), _per_device(abstract["opt_state"]), available)
 
 
