@@ -63,11 +63,15 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(bits * w1, dtype=jnp.uint32), jnp.sum(bits * w2, dtype=jnp.uint32)])
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """A scalar bool: every float of `tree` is finite (traceable; integer leaves always are)."""
+    floats = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(floats)) if floats else jnp.bool_(True)
+
+
 @jax.jit
 def _fingerprints(state: Any) -> tuple[Any, jax.Array]:
-    sums = jax.tree.map(_leaf_fingerprint, state)
-    floats = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return sums, jnp.all(jnp.stack(floats)) if floats else jnp.bool_(True)
+    return jax.tree.map(_leaf_fingerprint, state), all_finite(state)
 
 
 def fingerprint(state: Any) -> tuple[dict[str, str], list[str]]:

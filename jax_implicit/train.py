@@ -44,6 +44,7 @@ from jax_implicit.sharding import Sharder
 
 log = logging.getLogger("jax_implicit.train")
 REDUCTIONS = ("example", "token")
+NONFINITE = ("stop", "skip")  # what a step whose update is not finite does (it is never applied)
 SCHEDULES = ("cosine", "linear")
 
 
@@ -52,7 +53,7 @@ class ConfigError(ValueError):
 
 
 class TrainingError(RuntimeError):
-    """The run had to stop (non-finite loss); the last good checkpoint is kept."""
+    """The run had to stop (a non-finite loss or update, not applied); the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -68,10 +69,12 @@ def optim_config(lr: float = 1e-5, schedule: str = "cosine", warmup_ratio: float
 
 def train_config(epochs: int = 10, global_batch: int = 64, micro_batch: int = 8, reduction: str = "example",
                  seed: int = 1, out_dir: str = "checkpoints/runs/default", checkpoint_every: int = 50,
-                 max_to_keep: int = 3, export_hf: bool = True) -> ConfigDict:
+                 max_to_keep: int = 3, export_hf: bool = True, nonfinite: str = "stop") -> ConfigDict:
+    """`nonfinite`: a step whose loss or update is not finite is never applied; "stop" ends the run there,
+    "skip" leaves the state as it was, counts it and goes on with the next batch."""
     return ConfigDict(dict(epochs=epochs, global_batch=global_batch, micro_batch=micro_batch, reduction=reduction,
                            seed=seed, out_dir=out_dir, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
-                           export_hf=export_hf))
+                           export_hf=export_hf, nonfinite=nonfinite))
 
 
 def default_config() -> ConfigDict:
@@ -107,7 +110,9 @@ def check_config(cfg: ConfigDict) -> None:
     checks = [
         (t.reduction in REDUCTIONS, f"train.reduction={t.reduction!r}; expected one of {REDUCTIONS}"),
         (o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}; expected one of {SCHEDULES}"),
-        (o.lr > 0 and 0 <= o.warmup_ratio < 1, f"optim.lr={o.lr} must be > 0 and warmup_ratio={o.warmup_ratio} in [0, 1)"),
+        (math.isfinite(o.lr) and o.lr > 0 and 0 <= o.warmup_ratio < 1,
+         f"optim.lr={o.lr} must be finite and > 0 and warmup_ratio={o.warmup_ratio} in [0, 1)"),
+        (t.nonfinite in NONFINITE, f"train.nonfinite={t.nonfinite!r}; expected one of {NONFINITE}"),
         (t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1"),
         (1 <= t.micro_batch <= t.global_batch,
          f"train.micro_batch={t.micro_batch} must be in [1, global_batch={t.global_batch}]"),
@@ -199,7 +204,8 @@ def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
     """The two jitted functions of an optimizer step; all arrays are arguments, buffers are donated.
 
     micro_step(params, accum, batch) -> (accum + grad, loss): one micro-batch, float32 accumulator.
-    apply_step(state, accum) -> (state, zeroed accum): the Adam update.
+    apply_step(state, accum) -> (state, zeroed accum, applied): the Adam update, guarded on the device:
+    when any value of the updated state is not finite the old state is returned and `applied` is False.
     With the train state's shardings (`abstract_state`) and the micro-batch's, every input and output
     is pinned to the mesh (the accumulator is sharded like the parameters); without, jit follows its
     arguments.
@@ -212,14 +218,16 @@ def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
         params = state["params"]
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), accum, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state)
-        return state, jax.tree.map(jnp.zeros_like, accum)
+        new = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state)
+        applied = checkpoint.all_finite(new)
+        state = jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, state)
+        return state, jax.tree.map(jnp.zeros_like, accum), applied
 
     micro_kw, apply_kw = {}, {}
     if state_sh is not None:
         p_sh, scalar = state_sh["params"], jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
         micro_kw = dict(in_shardings=(p_sh, p_sh, batch_sh), out_shardings=(p_sh, scalar))
-        apply_kw = dict(in_shardings=(state_sh, p_sh), out_shardings=(state_sh, p_sh))
+        apply_kw = dict(in_shardings=(state_sh, p_sh), out_shardings=(state_sh, p_sh, scalar))
     return jax.jit(micro, donate_argnums=(1,), **micro_kw), jax.jit(apply, donate_argnums=(0, 1), **apply_kw)
 
 
@@ -317,11 +325,12 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir)
-    examples = data.tokenize(rows, tokenizer, d.tag_set, d.max_seq_length, d.name)
+    model_cfg = M.from_hf_config(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    examples = data.tokenize(rows, tokenizer, d.tag_set, d.max_seq_length, d.name, model_cfg.vocab_size,
+                             d.path or d.name)
     n = len(examples.ids)
     info("%s (%s mode): %d examples, %d dropped with no response token left after truncation to %d tokens",
          d.name, d.mode, n, examples.dropped, d.max_seq_length)
-    model_cfg = M.from_hf_config(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
     per_epoch = data.steps_per_epoch(n, t.global_batch)
     total = per_epoch * t.epochs
     optimizer = make_optimizer(cfg.optim, total)
@@ -362,6 +371,7 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
                disable=not writer)
     accum = zeros_accum(state["params"])
     key = np.asarray(state["rng"])
+    skipped = 0
     try:
         with open(metrics_path, "a") if writer else contextlib.nullcontext() as metrics_file:
             for epoch in range(meta["epoch"], t.epochs):
@@ -376,18 +386,26 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
                         accum, part = micro_step(state["params"], accum, sh.global_batch(mine, t.micro_batch))
                         losses.append(part)
                     loss = float(np.sum(np.asarray(jax.device_get(losses), np.float64)))
-                    if not math.isfinite(loss):
-                        raise TrainingError(
-                            f"non-finite loss ({loss}) at step {step + 1} (epoch {epoch}, batch {position}); stopped "
-                            f"without updating. Last good checkpoint: step {ckpts.latest_step()} in {ckpts.directory}")
                     lr = float(schedule(step))
-                    state, accum = apply_step(state, accum)
+                    state, accum, applied = apply_step(state, accum)
+                    if not bool(applied):
+                        what = f"loss ({loss})" if not math.isfinite(loss) else "update"
+                        where_ = (f"non-finite {what} at step {step + 1} (epoch {epoch}, batch {position}, "
+                                  f"examples {', '.join(examples.names[i] for i in batch_ids)})")
+                        if t.nonfinite == "stop":
+                            raise TrainingError(f"{where_}; stopped without updating. Last good checkpoint: "
+                                                f"step {ckpts.latest_step()} in {ckpts.directory}")
+                        skipped += 1
+                        warnings.warn(f"{where_}; skipped, the state kept as it was ({skipped} skipped so far)",
+                                      stacklevel=1)
                     step += 1
                     tokens = int(sum(b["mask"].sum() for b in micros))
                     seconds = time.perf_counter() - start
                     row = dict(step=step, epoch=epoch, loss=loss, lr=lr, tokens=tokens,
                                loss_tokens=int(sum(b["loss"][:, 1:].sum() for b in micros)),
                                seconds=round(seconds, 4), tokens_per_s=round(tokens / seconds, 1))
+                    if not bool(applied):
+                        row["skipped"] = True
                     if writer:
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()

@@ -1,15 +1,18 @@
 """Fault injection: damaged checkpoints, non-finite updates, two runs on one folder, killed and read-only
 evaluation runs, and small bad inputs. Each test would fail on code that lets the fault pass silently."""
 
+import json
+import re
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import ONE_DEVICE, hf_params, tiny_config
+from test_train import ONE_DEVICE, CompileEvents, hf_params, tiny_config
 
-from jax_implicit import checkpoint, train
+from jax_implicit import checkpoint, data, train
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +70,94 @@ def test_flipped_bit_in_newest_checkpoint_falls_back_and_resaves(undisturbed, ti
     ckpts.close()
     assert meta["step"] == 12
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(result.state)))
+
+
+def fails_before_compiling(fn, error, match: str):
+    """`fn()` raises `error` with a one-line message matching `match`, and nothing was compiled first."""
+    listener = CompileEvents()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with pytest.raises(error, match=match) as caught:
+            fn()
+        assert listener.events == [], listener.events
+        jax.jit(lambda x: x * 1.75 - 0.5)(np.float32(2)).block_until_ready()  # the listener does see compiles
+        assert listener.events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert "\n" not in str(caught.value)
+    return caught.value
+
+
+def restore_all(ckpt_dir, like):
+    """Every kept step of a run folder, verified (fingerprints and finiteness); a damaged one would warn."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    ckpts = checkpoint.Checkpoints(ckpt_dir, 1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state, meta = ckpts.restore_latest(abstract)
+    ckpts.close()
+    return state, meta
+
+
+def test_nonfinite_update_is_never_applied_or_saved(undisturbed, tiny_smol_dir, data_dir, tmp_path):
+    """lr=1e30 passes the config check, and its second update overflows: the run stops naming the step and
+    the batch's examples; the update was not applied, and the last checkpoint is intact and finite."""
+    cfg = tiny_config(tiny_smol_dir, data_dir, tmp_path, **{"optim.lr": 1e30, "train.export_hf": False})
+    with pytest.raises(train.TrainingError) as err:
+        train.run(cfg, ONE_DEVICE)
+    message = str(err.value)
+    assert "\n" not in message
+    bad, names, good = re.search(r"non-finite \S+.* at step (\d+) \(epoch 0, batch \d, examples (lima_\d+(?:, "
+                                 r"lima_\d+){3})\); stopped without updating. Last good checkpoint: step (\d+)",
+                                 message).groups()
+    assert int(good) == int(bad) - 1 >= 1
+    state, meta = restore_all(tmp_path / "checkpoints", undisturbed.state)
+    assert meta["step"] == int(good)
+
+
+def test_nonfinite_update_can_be_skipped_and_counted(undisturbed, tiny_smol_dir, data_dir, tmp_path):
+    cfg = tiny_config(tiny_smol_dir, data_dir, tmp_path, **{"optim.lr": 1e30, "train.export_hf": False,
+                                                            "train.nonfinite": "skip"})
+    with pytest.warns(UserWarning, match=r"skipped, the state kept as it was \(1 skipped so far\)"):
+        result = train.run(cfg, ONE_DEVICE)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in rows if r.get("skipped")]
+    assert result.steps == 12 and skipped and skipped[-1] == 12 and 1 not in skipped
+    assert bool(checkpoint.all_finite(result.state))
+    state, meta = restore_all(tmp_path / "checkpoints", undisturbed.state)
+    assert meta["step"] == 12
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(result.state)))
+
+
+@pytest.fixture(scope="module")
+def oov_setup(tiny_smol_dir, data_dir, tmp_path_factory):
+    """The tiny model with a tokenizer that has one added token the model has no embedding row for,
+    and 8 LIMA rows of which row 5's response holds that token."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("oov")
+    model = shutil.copytree(tiny_smol_dir, folder / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens(["<|oov|>"])
+    tokenizer.save_pretrained(model)
+    rows = [json.loads(x) for x in (data_dir / "lima/lima_data.jsonl").read_text().splitlines()[:8]]
+    rows[5]["messages"][1]["content"] = "Sure. <|oov|> " + rows[5]["messages"][1]["content"]
+    path = folder / "lima.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model, path
+
+
+@pytest.mark.parametrize("change,error,message", [
+    ({"optim.lr": float("inf")}, train.ConfigError, r"optim.lr=inf must be finite and > 0"),
+    ({"optim.lr": float("nan")}, train.ConfigError, r"optim.lr=nan must be finite and > 0"),
+    ({"train.nonfinite": "ignore"}, train.ConfigError, r"train.nonfinite='ignore'; expected one of"),
+    ("OOV", data.DataError, r"lima.jsonl row 5 \(id 'lima_5'\): token id 49152 \('<\|oov\|>'\) is outside the "
+                            r"model's vocabulary of 49152"),
+])
+def test_bad_training_input_fails_in_one_line_before_compiling(tiny_smol_dir, data_dir, tmp_path, oov_setup,
+                                                               change, error, message):
+    if change == "OOV":
+        change = {"model.path": str(oov_setup[0]), "data.path": str(oov_setup[1])}
+    cfg = tiny_config(tiny_smol_dir, data_dir, tmp_path / "out", **change)
+    fails_before_compiling(lambda: train.run(cfg, ONE_DEVICE), error, message)
+    assert not (tmp_path / "out").exists()
