@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, config, convert, data, distributed, io
+from jax_implicit import checkpoint, config, convert, data, distributed, io, runlock
 from jax_implicit import model as M
 from jax_implicit.plan import activation_bytes
 from jax_implicit.sharding import Sharder
@@ -69,12 +69,14 @@ def optim_config(lr: float = 1e-5, schedule: str = "cosine", warmup_ratio: float
 
 def train_config(epochs: int = 10, global_batch: int = 64, micro_batch: int = 8, reduction: str = "example",
                  seed: int = 1, out_dir: str = "checkpoints/runs/default", checkpoint_every: int = 50,
-                 max_to_keep: int = 3, export_hf: bool = True, nonfinite: str = "stop") -> ConfigDict:
+                 max_to_keep: int = 3, export_hf: bool = True, nonfinite: str = "stop",
+                 allow_config_change: bool = False) -> ConfigDict:
     """`nonfinite`: a step whose loss or update is not finite is never applied; "stop" ends the run there,
-    "skip" leaves the state as it was, counts it and goes on with the next batch."""
+    "skip" leaves the state as it was, counts it and goes on with the next batch. `allow_config_change`:
+    resume a run folder even though settings that change the numbers differ from the ones it started with."""
     return ConfigDict(dict(epochs=epochs, global_batch=global_batch, micro_batch=micro_batch, reduction=reduction,
                            seed=seed, out_dir=out_dir, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
-                           export_hf=export_hf, nonfinite=nonfinite))
+                           export_hf=export_hf, nonfinite=nonfinite, allow_config_change=allow_config_change))
 
 
 def default_config() -> ConfigDict:
@@ -273,13 +275,26 @@ def plot_loss(rows: list[dict], out: Path) -> Path:
     return io.save_figure(fig, out)
 
 
+# settings a resumed run may change: where and how it runs, not what it computes (up to reduction order)
+OPERATIONAL = ("mesh.", "train.micro_batch", "train.checkpoint_every", "train.max_to_keep", "train.export_hf",
+               "train.allow_config_change")
+
+
 def _resume_config(out: Path, cfg: ConfigDict) -> None:
+    """A folder is resumed only with the config it started with (operational settings aside)."""
     saved = out / "config.json"
     now = json.loads(cfg.to_json_best_effort())
     if saved.is_file():
-        before = _flat_keys(ConfigDict(json.loads(saved.read_text())))
+        try:
+            before = _flat_keys(ConfigDict(json.loads(saved.read_text())))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{saved} is damaged ({e}); restore it or move the run folder away") from None
         changed = sorted(k for k, v in _flat_keys(ConfigDict(now)).items()
                          if before.get(k) != v and k != "train.out_dir")  # a run folder may be moved
+        numbers = [k for k in changed if not k.startswith(OPERATIONAL)]
+        if numbers and not cfg.train.allow_config_change:
+            raise ConfigError(f"{out} was started with a different config ({', '.join(numbers)}): resuming it would "
+                              "match neither run; use another train.out_dir, or set train.allow_config_change=True")
         if changed:
             warnings.warn(f"{out} was started with a different config ({', '.join(changed)}): "
                           "resuming it will not reproduce an uninterrupted run", stacklevel=3)
@@ -308,8 +323,14 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
 
     Every process of a multi-host run calls this; the mesh spans `devices` (default: all, of every
     process). Process 0 alone writes config.json, metrics, the loss plot and logs; checkpoints and
-    the HF export are collective (orbax and `convert.export_hf` coordinate the processes).
+    the HF export are collective (orbax and `convert.export_hf` coordinate the processes). The writer
+    holds `train.out_dir`'s lock from before anything is written there until the run ends.
     """
+    with contextlib.ExitStack() as held:
+        return _run(cfg, devices, held)
+
+
+def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.ExitStack) -> RunResult:
     if not jax.distributed.is_initialized():
         distributed.initialize()
     writer = distributed.is_writer()
@@ -344,8 +365,8 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
          activation_bytes(model_cfg, sh, t.micro_batch, sizes[-1]) / 2**30)
 
     out = Path(t.out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
     if writer:
+        held.enter_context(runlock.hold(out / ".lock", f"training folder {out}"))
         _resume_config(out, cfg)
     ckpts = checkpoint.Checkpoints(out / "checkpoints", t.checkpoint_every, t.max_to_keep)
     graphdef = nnx.split(sh.pin_activations(M.abstract(model_cfg)))[0]
@@ -476,7 +497,7 @@ def main() -> None:
         log.setLevel(logging.INFO)
         try:
             result = run(flag.value)
-        except (ConfigError, data.DataError, TrainingError) as e:
+        except (ConfigError, data.DataError, TrainingError, runlock.Busy) as e:
             sys.exit(f"error: {e}")
         fields = [f.name for f in dataclasses.fields(result) if f.name != "state"]
         print(json.dumps({k: str(getattr(result, k)) for k in fields}, indent=2))

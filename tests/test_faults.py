@@ -2,17 +2,22 @@
 evaluation runs, and small bad inputs. Each test would fail on code that lets the fault pass silently."""
 
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import ONE_DEVICE, CompileEvents, hf_params, tiny_config
+from test_train import CPU_CONFIG, ONE_DEVICE, ROOT, CompileEvents, hf_params, overrides, tiny_config
 
-from jax_implicit import checkpoint, data, train
+from jax_implicit import checkpoint, data, runlock, train
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +166,54 @@ def test_bad_training_input_fails_in_one_line_before_compiling(tiny_smol_dir, da
     cfg = tiny_config(tiny_smol_dir, data_dir, tmp_path / "out", **change)
     fails_before_compiling(lambda: train.run(cfg, ONE_DEVICE), error, message)
     assert not (tmp_path / "out").exists()
+
+
+def train_command(model, data_dir, out, **changes) -> list[str]:
+    """The tiny run of test_train.py as a command line."""
+    settings = {**overrides(model, data_dir, out), **changes}
+    return [sys.executable, "-m", "jax_implicit.train", f"--config={CPU_CONFIG}:response",
+            *(f"--config.{k}={v}" for k, v in settings.items())]
+
+
+CLI_ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1.0", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def test_second_run_on_a_folder_refuses_at_once(undisturbed, tiny_smol_dir, data_dir, tmp_path):
+    """While one run trains in a folder, a second (another seed and lr) fails before compiling anything,
+    naming the first's PID and host and touching nothing; the first ends bit-identical to a lone run."""
+    out = tmp_path / "shared"
+    first = subprocess.Popen(train_command(tiny_smol_dir, data_dir, out), cwd=ROOT, env=CLI_ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while f"pid {first.pid} " not in ((out / ".lock").read_text() if (out / ".lock").exists() else ""):
+            assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
+            time.sleep(0.05)
+        second = tiny_config(tiny_smol_dir, data_dir, out, **{"train.seed": 1, "optim.lr": 1e-3})
+        fails_before_compiling(lambda: train.run(second, ONE_DEVICE), runlock.Busy,
+                               rf"training folder {out} is in use by pid {first.pid} on host "
+                               rf"{re.escape(socket.gethostname())} since ")
+        log, _ = first.communicate(timeout=900)
+    finally:
+        first.kill()
+    assert first.returncode == 0, log[-3000:]
+    ref, got = hf_params(undisturbed.out_dir), hf_params(out)
+    assert sorted(ref) == sorted(got) and all(np.array_equal(ref[k], got[k]) for k in ref)
+    assert (out / "metrics.jsonl").read_text().count("\n") == 12
+    assert json.loads((out / "config.json").read_text())["train"]["seed"] == 0
+
+
+def test_resuming_with_another_config_is_an_error_unless_allowed(undisturbed, tiny_smol_dir, data_dir, tmp_path):
+    out = shutil.copytree(undisturbed.out_dir, tmp_path / "run")
+    changed = tiny_config(tiny_smol_dir, data_dir, out, **{"optim.lr": 1e-3, "train.export_hf": False})
+    fails_before_compiling(lambda: train.run(changed, ONE_DEVICE), train.ConfigError,
+                           rf"{out} was started with a different config \(optim.lr\): resuming it "
+                           r"would match neither run; use another train.out_dir, or set train.allow_config_change=True")
+    changed.train.allow_config_change = True
+    with pytest.warns(UserWarning, match=r"different config \(optim.lr, train.allow_config_change, train.export_hf\)"):
+        assert train.run(changed, ONE_DEVICE).steps == 12
+    (out / "config.json").write_text('{"model": {"path": ')  # cut short
+    fails_before_compiling(lambda: train.run(changed, ONE_DEVICE), train.ConfigError,
+                           rf"{out}/config.json is damaged \(Expecting value: line 1 column 20 \(char 19\)\); "
+                           r"restore it or move the run folder away")

@@ -1,0 +1,52 @@
+"""One run per output: an exclusive lock held for the life of a run, so that two runs on one training folder
+or one evaluation output cannot overwrite each other's checkpoints, metrics and results.
+
+The lock is `fcntl.flock` on a lock file (released by the kernel when the holder exits, however it exits,
+so a killed run never leaves a stale lock). The file records who holds it, for the error a second run
+gets. flock works on local file systems and on NFSv4 (emulated with POSIX locks); in a multi-host run
+only the writer process takes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+
+class Busy(RuntimeError):
+    """Another live run holds the lock."""
+
+
+def beside(output: str | Path) -> Path:
+    """The lock file of an output file: a hidden sibling, so outputs in one folder lock separately."""
+    output = Path(output)
+    return output.with_name(f".{output.name}.lock")
+
+
+@contextlib.contextmanager
+def hold(lock_file: str | Path, what: str) -> Iterator[Path]:
+    """Hold `lock_file` exclusively until the block ends, or raise `Busy` at once naming the holder.
+
+    `what` names the protected thing in the error ("training folder X", "output Y").
+    """
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1024, 0).decode(errors="replace").strip() or "another process"
+            raise Busy(f"{what} is in use by {holder} (lock {lock_file}); wait for it to finish or use "
+                       f"another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
+        yield lock_file
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a starting run)
