@@ -9,13 +9,14 @@ checked (config values, the instruction file, prompt lengths) is checked before 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 from absl import app, logging
 from ml_collections import ConfigDict, config_flags
 
-from jax_implicit import io
+from jax_implicit import io, partial, runlock
 
 VAL_URL = "https://raw.githubusercontent.com/john-hewitt/implicit-ins/main/eval/val_eval/val.jsonl"
 # dataset name -> its file in the local data folder (data/), and how to fetch the public one
@@ -53,11 +54,12 @@ def run(cfg: ConfigDict) -> Path:
 
     if cfg.use_rules:
         rules.validate(cfg.rules)
+    d = cfg.decode
+    decode.check_settings(d.max_new_tokens, d.batch_size, d.bucket, d.temperature, d.top_p)
     rows = read_instructions(cfg.data.instructions, cfg.data.limit)
     path = convert.model_dir(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
     mcfg = model.from_hf_config(path)
-    d = cfg.decode
     try:  # before loading weights: a prompt that does not fit is a config error
         decode.encode_all(tokenizer, [r["instruction"] for r in rows], d.tag_set, d.max_new_tokens,
                           mcfg.max_position_embeddings)
@@ -65,25 +67,30 @@ def run(cfg: ConfigDict) -> Path:
         raise ValueError(f"{cfg.data.instructions}: {err}") from None
     generator = cfg.generator or Path(cfg.model.path).name + ("-rules" if cfg.use_rules else "-greedy")
     output = Path(cfg.output or f"outputs/generate/{generator}-{Path(cfg.data.instructions).stem}.json")
-    decoder = convert.load_hf(path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
-    tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
+    with runlock.hold(runlock.beside(output), f"output {output}"):  # also: the folder is writable, before the model
+        keep = partial.Partial(partial.path_for(output), dict(config=json.loads(cfg.to_json_best_effort()),
+                                                              rows=rows, weights=partial.stamp(path)))
+        decoder = convert.load_hf(path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+        tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
 
-    bar = tqdm(total=len(rows), unit="ins", desc=generator)
-    start, produced = time.perf_counter(), 0
+        bar = tqdm(total=len(rows), initial=len(keep.items), unit="ins", desc=generator)
+        start, produced = time.perf_counter(), 0
 
-    def progress(done_rows: int, new_tokens: int) -> None:
-        nonlocal produced
-        produced += new_tokens
-        bar.update(done_rows)
-        bar.set_postfix(tok_per_s=f"{produced / (time.perf_counter() - start):.1f}")
+        def progress(batch: dict[int, str], new_tokens: int) -> None:
+            nonlocal produced
+            keep.add([str(k) for k in batch], list(batch.values()))
+            produced += new_tokens
+            bar.update(len(batch))
+            bar.set_postfix(tok_per_s=f"{produced / (time.perf_counter() - start):.1f}")
 
-    outputs = decode.generate_texts(
-        decoder, tokenizer, [r["instruction"] for r in rows], max_new_tokens=d.max_new_tokens, rules=tables,
-        tag_set=d.tag_set, batch_size=d.batch_size, bucket=d.bucket, temperature=d.temperature, top_p=d.top_p,
-        seed=d.seed, on_batch=progress)
-    bar.close()
-    io.write_atomic(output, json.dumps([{"instruction": r["instruction"], "output": o, "generator": generator,
-                                         "dataset": r["dataset"]} for r, o in zip(rows, outputs)], indent=2))
+        outputs = decode.generate_texts(
+            decoder, tokenizer, [r["instruction"] for r in rows], max_new_tokens=d.max_new_tokens, rules=tables,
+            tag_set=d.tag_set, batch_size=d.batch_size, bucket=d.bucket, temperature=d.temperature, top_p=d.top_p,
+            seed=d.seed, on_batch=progress, done={int(k): v for k, v in keep.items.items()})
+        bar.close()
+        io.write_atomic(output, json.dumps([{"instruction": r["instruction"], "output": o, "generator": generator,
+                                             "dataset": r["dataset"]} for r, o in zip(rows, outputs)], indent=2))
+        keep.finish()
     logging.info("%d responses, %d tokens, %.1f tokens/s -> %s", len(rows), produced,
                  produced / (time.perf_counter() - start), output)
     return output
@@ -92,7 +99,10 @@ def run(cfg: ConfigDict) -> Path:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    print(run(_CONFIG.value))
+    try:
+        print(run(_CONFIG.value))
+    except (ValueError, FileNotFoundError, runlock.Busy, runlock.Unwritable) as e:  # named input errors
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":  # the flag is defined here so that importing this module defines none

@@ -10,14 +10,17 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 from test_train import CPU_CONFIG, ONE_DEVICE, ROOT, CompileEvents, hf_params, overrides, tiny_config
 
-from jax_implicit import checkpoint, data, runlock, train
+from jax_implicit import checkpoint, data, decode, generate, partial, runlock, train
+from jax_implicit.evaluate import ranking, scoring
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +220,142 @@ def test_resuming_with_another_config_is_an_error_unless_allowed(undisturbed, ti
     fails_before_compiling(lambda: train.run(changed, ONE_DEVICE), train.ConfigError,
                            rf"{out}/config.json is damaged \(Expecting value: line 1 column 20 \(char 19\)\); "
                            r"restore it or move the run folder away")
+
+
+def test_partial_file_drops_a_torn_tail_and_refuses_other_settings(tmp_path):
+    path = tmp_path / "out.json.partial"
+    keep = partial.Partial(path, {"model": "a"})
+    keep.add(["0", "1"], ["x", {"y": 1.5}])
+    keep.add(["2"], ["z"])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-3])  # killed in the middle of the last batch's write
+    again = partial.Partial(path, {"model": "a"})
+    assert again.items == {"0": "x", "1": {"y": 1.5}} and again.get(["0", "1"]) == ["x", {"y": 1.5}]
+    assert again.get(["1", "2"]) is None and path.read_bytes() == whole[:whole.rindex(b"\n", 0, -1) + 1]
+    with pytest.raises(ValueError, match=r"out.json.partial holds work done with other settings or inputs"):
+        partial.Partial(path, {"model": "b"})
+    again.finish()
+    assert not path.exists()
+
+
+class Interrupt(Exception):
+    """Stands in for a kill after some batches (their results are on disk, as after SIGKILL)."""
+
+
+def interrupt_after(monkeypatch, module, name: str, calls: int) -> list:
+    """Make `module.name` raise after `calls` calls; returns the list the calls are counted in."""
+    real, seen = getattr(module, name), []
+
+    def counted(*args, **kwargs):
+        if len(seen) == calls:
+            raise Interrupt
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return seen
+
+
+def generate_config(model_dir, instructions, output):
+    from configs.generate import get_config
+
+    cfg = get_config("no_rules")
+    cfg.model.path, cfg.data.instructions, cfg.output = str(model_dir), str(instructions), str(output)
+    cfg.decode.max_new_tokens, cfg.decode.batch_size, cfg.decode.bucket = 4, 2, 16
+    return cfg
+
+
+@pytest.fixture()
+def instructions(tmp_path):
+    path = tmp_path / "instructions.jsonl"
+    path.write_text("".join(json.dumps({"instruction": i}) + "\n" for i in
+                            ["Name a color.", "What is 2 + 2?", "Say hi.", "Write one word about the sea, please.", "Why?"]))
+    return path
+
+
+def test_generate_killed_midway_resumes_to_identical_output(tiny_smol_dir, instructions, tmp_path, monkeypatch):
+    whole = generate.run(generate_config(tiny_smol_dir, instructions, tmp_path / "whole" / "out.json"))
+    cfg = generate_config(tiny_smol_dir, instructions, tmp_path / "killed" / "out.json")
+    interrupt_after(monkeypatch, decode, "generate", 1)
+    with pytest.raises(Interrupt):
+        generate.run(cfg)
+    kept = partial.path_for(cfg.output)
+    assert len(kept.read_text().splitlines()) == 1 + 2 and not Path(cfg.output).exists()  # header + one batch
+    monkeypatch.undo()
+    decoded = interrupt_after(monkeypatch, decode, "generate", 99)
+    assert generate.run(cfg).read_bytes() == whole.read_bytes()
+    assert len(decoded) == 2 and not kept.exists()  # 3 batches, the first kept
+
+
+def ranking_cfg(model_dir, data_dir, results):
+    from configs.eval import ranking as ranking_config
+
+    cfg = ranking_config.get_config()
+    cfg.model.path, cfg.data = str(model_dir), str(data_dir / "dolly" / "dolly_train.json")
+    cfg.n, cfg.k, cfg.seed, cfg.batch_tokens = 3, 1, 0, 256
+    cfg.run.results, cfg.run.base, cfg.run.method = str(results), "tiny", "base"
+    return cfg
+
+
+def test_ranking_killed_midway_resumes_to_identical_output(tiny_smol_dir, data_dir, tmp_path, monkeypatch):
+    batches = interrupt_after(monkeypatch, scoring, "_continuation", 99)
+    ranking.run(ranking_cfg(tiny_smol_dir, data_dir, tmp_path / "whole"))
+    monkeypatch.undo()
+    cfg = ranking_cfg(tiny_smol_dir, data_dir, tmp_path / "killed")
+    interrupt_after(monkeypatch, scoring, "_continuation", 1)
+    with pytest.raises(Interrupt):
+        ranking.run(cfg)
+    monkeypatch.undo()
+    scored = interrupt_after(monkeypatch, scoring, "_continuation", 99)
+    ranking.run(cfg)
+    name = Path("tiny/base/seed0/ranking.json")
+    assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert len(batches) >= 3 and len(scored) == len(batches) - 1  # the first batch was kept
+    assert not partial.path_for(tmp_path / "killed" / name).exists()
+
+
+def test_judge_killed_midway_resumes_to_identical_judgements(tiny_smol_dir, tmp_path, monkeypatch):
+    from jax_implicit import convert
+    from jax_implicit.evaluate import judge
+
+    decoder = convert.load_hf(tiny_smol_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_smol_dir)
+    pairs = [(f"<|im_start|>user\nA{'.' * i} or B?<|im_end|>", f"<|im_start|>user\nB or A{'!' * i}?<|im_end|>")
+             for i in range(0, 60, 12)]
+
+    def local(keep=None):
+        return judge.LocalJudge(decoder, tokenizer, name="tiny", batch_tokens=64, keep=keep)
+
+    batches = interrupt_after(monkeypatch, scoring, "_next_token", 99)
+    whole = local().probabilities(pairs)
+    monkeypatch.undo()
+    path = tmp_path / "judge.partial"
+    interrupt_after(monkeypatch, scoring, "_next_token", 1)
+    with pytest.raises(Interrupt):
+        local(partial.Partial(path, "tiny")).probabilities(pairs)
+    monkeypatch.undo()
+    judged = interrupt_after(monkeypatch, scoring, "_next_token", 99)
+    resumed = local(partial.Partial(path, "tiny")).probabilities(pairs)
+    assert np.array_equal(resumed, whole) and len(batches) >= 3 and len(judged) == len(batches) - 1
+
+
+@pytest.mark.parametrize("fault", ["parent is a file", "output in use"])
+def test_unwritable_or_busy_output_fails_before_the_model_loads(tiny_smol_dir, data_dir, instructions, tmp_path,
+                                                                monkeypatch, fault):
+    from jax_implicit import convert
+
+    monkeypatch.setattr(convert, "load_hf", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "file").write_text("not a folder")
+    folder = tmp_path / "file" if fault == "parent is a file" else tmp_path / "out"
+    gen = generate_config(tiny_smol_dir, instructions, folder / "out.json")
+    rank = ranking_cfg(tiny_smol_dir, data_dir, folder)
+    rank.out = str(folder / "ranking.json")
+    for run, output in ((generate.run, gen.output), (ranking.run, rank.out)):
+        if fault == "output in use":
+            with runlock.hold(runlock.beside(output), "it"):
+                with pytest.raises(runlock.Busy, match=rf"output {output} is in use by pid {os.getpid()} on host "):
+                    run(gen if run is generate.run else rank)
+        else:
+            with pytest.raises(runlock.Unwritable, match=rf"cannot write output {output}: {folder} is not a writable "
+                                                         r"folder \((FileExistsError|NotADirectoryError)"):
+                run(gen if run is generate.run else rank)

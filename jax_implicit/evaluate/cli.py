@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
+
+from jax_implicit import runlock
 
 
 def main(run: Callable, default_config: str) -> None:
@@ -15,6 +18,9 @@ def main(run: Callable, default_config: str) -> None:
     def _main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.KEY=VALUE")
-        run(config.value)
+        try:
+            run(config.value)
+        except (ValueError, FileNotFoundError, runlock.Busy, runlock.Unwritable) as e:  # named input errors
+            sys.exit(f"error: {e}")
 
     app.run(_main)
