@@ -48,8 +48,6 @@ def read_instructions(source: str, limit: int = 0) -> list[dict]:
 def run(cfg: ConfigDict) -> Path:
     """Decode every instruction of `cfg.data.instructions`; returns the output path."""
     from tqdm import tqdm
-    from transformers import AutoTokenizer
-
     from jax_implicit import convert, decode, model, rules
 
     if cfg.use_rules:
@@ -58,7 +56,7 @@ def run(cfg: ConfigDict) -> Path:
     decode.check_settings(d.max_new_tokens, d.batch_size, d.bucket, d.temperature, d.top_p)
     rows = read_instructions(cfg.data.instructions, cfg.data.limit)
     path = convert.model_dir(cfg.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
+    tokenizer = convert.load_tokenizer(cfg.model.tokenizer or path)
     mcfg = model.from_hf_config(path)
     try:  # before loading weights: a prompt that does not fit is a config error
         decode.encode_all(tokenizer, [r["instruction"] for r in rows], d.tag_set, d.max_new_tokens,

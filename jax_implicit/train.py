@@ -116,6 +116,9 @@ def check_config(cfg: ConfigDict) -> None:
          f"optim.lr={o.lr} must be finite and > 0 and warmup_ratio={o.warmup_ratio} in [0, 1)"),
         (t.nonfinite in NONFINITE, f"train.nonfinite={t.nonfinite!r}; expected one of {NONFINITE}"),
         (t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1"),
+        (t.checkpoint_every >= 1 and t.max_to_keep >= 1,
+         f"train.checkpoint_every={t.checkpoint_every} and train.max_to_keep={t.max_to_keep} must be >= 1"),
+        (cfg.data.limit >= 0, f"data.limit={cfg.data.limit} must be >= 0 (0: every example)"),
         (1 <= t.micro_batch <= t.global_batch,
          f"train.micro_batch={t.micro_batch} must be in [1, global_batch={t.global_batch}]"),
         (cfg.data.max_seq_length >= 2, f"data.max_seq_length={cfg.data.max_seq_length} must be >= 2"),
@@ -253,16 +256,19 @@ class RunResult:
     state: dict = dataclasses.field(repr=False)  # the final train state, still on the mesh
 
 
-def _metrics_upto(path: Path, step: int) -> list[dict]:
-    """Metric lines of steps up to `step` (a killed run may have logged past its last checkpoint)."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+def _read_metrics(path: Path) -> list[dict]:
+    """The metric lines a run folder holds (a killed run may have logged past its last checkpoint, and
+    its last line may be cut short)."""
+    rows, lines = [], path.read_text(errors="replace").splitlines() if path.is_file() else []
+    for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if row["step"] <= step:
-            rows.append(row)
+            int(row["step"])
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError):
+            if n == len(lines):  # a line cut short by a kill
+                continue
+            raise ConfigError(f"{path} line {n} is damaged; repair or delete that line to resume") from None
+        rows.append(row)
     return rows
 
 
@@ -341,12 +347,13 @@ def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Exi
     rows = data.load_rows(d)
     try:
         model_dir = convert.model_dir(cfg.model.path)
+        tokenizer = convert.load_tokenizer(cfg.model.tokenizer or model_dir)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir)
     model_cfg = M.from_hf_config(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    if d.max_seq_length > model_cfg.max_position_embeddings:
+        raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds the context of {model_dir} "
+                          f"({model_cfg.max_position_embeddings} positions)")
     examples = data.tokenize(rows, tokenizer, d.tag_set, d.max_seq_length, d.name, model_cfg.vocab_size,
                              d.path or d.name)
     n = len(examples.ids)
@@ -367,7 +374,10 @@ def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Exi
     out = Path(t.out_dir).absolute()
     if writer:
         held.enter_context(runlock.hold(out / ".lock", f"training folder {out}"))
+        convert.remove_stale_tmp(out / "hf")  # of a killed export
         _resume_config(out, cfg)
+    metrics_path = out / "metrics.jsonl"
+    logged = _read_metrics(metrics_path)
     ckpts = checkpoint.Checkpoints(out / "checkpoints", t.checkpoint_every, t.max_to_keep)
     graphdef = nnx.split(sh.pin_activations(M.abstract(model_cfg)))[0]
     abstract = abstract_state(model_cfg, optimizer, t.seed, sh)
@@ -380,8 +390,7 @@ def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Exi
         info("resuming from step %d (epoch %d, batch %d) in %s", meta["step"], meta["epoch"], meta["position"], out)
     micro_step, apply_step = build_steps(graphdef, optimizer, state_sh, batch_sh)
     schedule = lr_schedule(cfg.optim, total)
-    metrics_path = out / "metrics.jsonl"
-    rows_logged = _metrics_upto(metrics_path, meta["step"])
+    rows_logged = [r for r in logged if r["step"] <= meta["step"]]
     if writer:
         io.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows_logged))
     step, loss = meta["step"], rows_logged[-1]["loss"] if rows_logged else float("nan")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 from transformers import AutoTokenizer
 from test_train import CPU_CONFIG, ONE_DEVICE, ROOT, CompileEvents, hf_params, overrides, tiny_config
 
@@ -359,3 +360,86 @@ def test_unwritable_or_busy_output_fails_before_the_model_loads(tiny_smol_dir, d
             with pytest.raises(runlock.Unwritable, match=rf"cannot write output {output}: {folder} is not a writable "
                                                          r"folder \((FileExistsError|NotADirectoryError)"):
                 run(gen if run is generate.run else rank)
+
+
+@pytest.fixture(scope="module")
+def broken_inputs(tiny_smol_dir, tmp_path_factory):
+    """A non-UTF-8 data file, a model folder without a tokenizer and one with a NaN weight."""
+    folder = tmp_path_factory.mktemp("broken")
+    (folder / "latin1.jsonl").write_bytes('{"messages": [{"role": "assistant", "content": "caf\\u00e9"}]}\n'
+                                          .encode().replace(b"\\u00e9", "é".encode("latin-1")))
+    bare = folder / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_smol_dir / name, bare / name)
+    nan = shutil.copytree(tiny_smol_dir, folder / "nan_weights")
+    tensors = load_file(nan / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
+    save_file(tensors, nan / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("change,error,message", [
+    ({"data.limit": -5}, train.ConfigError, r"data.limit=-5 must be >= 0 \(0: every example\)"),
+    ({"data.max_seq_length": 512}, train.ConfigError, r"data.max_seq_length=512 exceeds the context of .* \(256 "
+                                                      r"positions\)"),
+    ({"train.checkpoint_every": 0}, train.ConfigError, r"train.checkpoint_every=0 and train.max_to_keep=2 must be"),
+    ({"train.max_to_keep": 0}, train.ConfigError, r"train.checkpoint_every=1 and train.max_to_keep=0 must be >= 1"),
+    ({"data.path": "latin1.jsonl"}, data.DataError, r"data file .*latin1.jsonl is not UTF-8 text \(byte 51: invalid"),
+    ({"model.path": "no_tokenizer"}, train.ConfigError, r"no_tokenizer holds no tokenizer \(none of tokenizer.json, "),
+])
+def test_small_training_faults_fail_in_one_line_before_the_folder_or_compiling(tiny_smol_dir, data_dir, tmp_path,
+                                                                               broken_inputs, change, error, message):
+    change = {k: str(broken_inputs / v) if k.endswith("path") else v for k, v in change.items()}
+    cfg = tiny_config(tiny_smol_dir, data_dir, tmp_path / "out", **change)
+    fails_before_compiling(lambda: train.run(cfg, ONE_DEVICE), error, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"decode.batch_size": 0}, r"decode.batch_size=0 must be a positive integer"),
+    ({"decode.bucket": 0}, r"decode.bucket=0 must be a positive integer"),
+    ({"decode.temperature": -0.5}, r"need decode.temperature >= 0 and 0 < decode.top_p <= 1, got -0.5, 1.0"),
+])
+def test_small_generation_faults_fail_in_one_line_before_compiling(tiny_smol_dir, instructions, broken_inputs,
+                                                                   tmp_path, change, message):
+    cfg = generate_config(tiny_smol_dir, instructions, tmp_path / "out" / "out.json")
+    for key, value in change.items():
+        section, name = key.split(".")
+        cfg[section][name] = str(broken_inputs / value) if name == "path" else value
+    fails_before_compiling(lambda: generate.run(cfg), ValueError, message)
+    assert not (tmp_path / "out" / "out.json").exists()
+
+
+def test_nan_weights_are_named_while_loading_before_any_decoding(broken_inputs, instructions, tmp_path, monkeypatch):
+    monkeypatch.setattr(decode, "generate", lambda *a, **k: pytest.fail("decoded with NaN weights"))
+    cfg = generate_config(broken_inputs / "nan_weights", instructions, tmp_path / "out.json")
+    with pytest.raises(ValueError, match=r"nan_weights: tensor model.layers.1.mlp.up_proj.weight holds non-finite "
+                                         r"values$"):
+        generate.run(cfg)
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_results_cannot_be_written_outside_the_results_folder(tiny_smol_dir, data_dir, tmp_path):
+    cfg = ranking_cfg(tiny_smol_dir, data_dir, tmp_path / "results")
+    cfg.run.base = ".."
+    with pytest.raises(ValueError, match=r"run.base='..': give a non-empty folder name"):
+        ranking.run(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_damaged_metrics_line_is_named_and_a_killed_export_is_cleaned(undisturbed, tiny_smol_dir, data_dir,
+                                                                       tmp_path):
+    out = shutil.copytree(undisturbed.out_dir, tmp_path / "run")
+    shutil.rmtree(out / "hf")
+    stale = out / ".hf.tmp-killed"
+    stale.mkdir()
+    (stale / "part-0").write_bytes(b"half an export")
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(metrics[:3] + ['{"step": 4, "lo'] + metrics[4:]) + "\n")
+    cfg = tiny_config(tiny_smol_dir, data_dir, out)
+    fails_before_compiling(lambda: train.run(cfg, ONE_DEVICE), train.ConfigError,
+                           r"metrics.jsonl line 4 is damaged; repair or delete that line to resume")
+    (out / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
+    assert train.run(cfg, ONE_DEVICE).hf_dir == out / "hf"
+    assert not stale.exists() and hf_params(out).keys() == hf_params(undisturbed.out_dir).keys()

@@ -25,10 +25,8 @@ MIN_BUCKET = 32
 def load(model_cfg, mesh_cfg=None) -> tuple[M.Decoder, object]:
     """The decoder and tokenizer named by a `config.model()` section; with a `config.mesh()` section the
     parameters are read straight into their shards on that mesh (large models on TPU/GPU hosts)."""
-    from transformers import AutoTokenizer
-
     path = convert.model_dir(model_cfg.path)
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path)
+    tokenizer = convert.load_tokenizer(model_cfg.tokenizer or path)
     kw = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype)
     if mesh_cfg is None:
         return convert.load_hf(path, **kw), tokenizer
