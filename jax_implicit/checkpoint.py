@@ -16,7 +16,9 @@ global arrays; orbax coordinates the writes, so the directory must be one that a
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,14 @@ class Checkpoints:
         """
         self.manager.wait_until_finished()
         steps = sorted(self.manager.all_steps(), reverse=True)
+        with _quiet_closed_loops():
+            found = self._restore_first(steps, abstract_state)
+        if found is None and steps:
+            raise CheckpointError(f"no checkpoint in {self.directory} is intact (steps {steps} were moved to "
+                                  f"{self.directory}{DAMAGED}); move the run folder away to start afresh")
+        return found
+
+    def _restore_first(self, steps: list[int], abstract_state: Any) -> tuple[Any, dict] | None:
         for step in steps:
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(),
                                       integrity=ocp.args.JsonRestore())
@@ -128,14 +138,11 @@ class Checkpoints:
             except Exception as e:  # noqa: BLE001 -- any unusable step falls back to the one before
                 moved = self._set_aside(step)
                 reason = (str(e).strip().splitlines() or [""])[0]
-                reason = reason if len(reason) <= 200 else reason[:200] + "..."
+                reason = reason if len(reason) <= 200 else f"{reason[:90]} ... {reason[-100:]}"  # cause at the end
                 warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: "
-                              f"{reason}); moved to {moved}; restoring the one before", stacklevel=2)
+                              f"{reason}); moved to {moved}; restoring the one before", stacklevel=3)
                 continue
             return restored.state, dict(restored.meta)
-        if steps:
-            raise CheckpointError(f"no checkpoint in {self.directory} is intact (steps {steps} were moved to "
-                                  f"{self.directory}{DAMAGED}); move the run folder away to start afresh")
         return None
 
     def _set_aside(self, step: int) -> Path:
@@ -160,6 +167,25 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_closed_loops():
+    """While a damaged step fails to read, tensorstore's reads of its other arrays still finish and call back
+    into orbax's event loop, already closed: each prints an unraisable `RuntimeError: Event loop is closed`
+    traceback that buries the one-line warning. Only those are dropped."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def _check_like(state: Any, abstract_state: Any) -> None:

@@ -3,7 +3,8 @@ or one evaluation output cannot overwrite each other's checkpoints, metrics and 
 
 The lock is `fcntl.flock` on a lock file (released by the kernel when the holder exits, however it exits,
 so a killed run never leaves a stale lock). The file records who holds it, for the error a second run
-gets, and is removed when the run ends (a run that locked a file just removed retries on the new one). flock works on local file systems and on NFSv4 (emulated with POSIX locks); in a multi-host run
+gets, and is removed when the run ends (a run that locked a file just removed retries on the new one).
+flock works on local file systems and on NFSv4 (emulated with POSIX locks); in a multi-host run
 only the writer process takes it.
 """
 

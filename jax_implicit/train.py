@@ -506,7 +506,8 @@ def main() -> None:
         log.setLevel(logging.INFO)
         try:
             result = run(flag.value)
-        except (ConfigError, data.DataError, TrainingError, runlock.Busy) as e:
+        except (ConfigError, data.DataError, TrainingError, checkpoint.CheckpointError, runlock.Busy,
+                runlock.Unwritable) as e:
             sys.exit(f"error: {e}")
         fields = [f.name for f in dataclasses.fields(result) if f.name != "state"]
         print(json.dumps({k: str(getattr(result, k)) for k in fields}, indent=2))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 from transformers import AutoTokenizer
-from test_train import CPU_CONFIG, ONE_DEVICE, ROOT, CompileEvents, hf_params, overrides, tiny_config
+from test_train import CPU_CONFIG, ONE_DEVICE, ROOT, CompileEvents, corrupt_latest, hf_params, overrides, tiny_config
 
 from jax_implicit import checkpoint, data, decode, generate, partial, runlock, train
 from jax_implicit.evaluate import ranking, scoring
@@ -269,8 +269,8 @@ def generate_config(model_dir, instructions, output):
 @pytest.fixture()
 def instructions(tmp_path):
     path = tmp_path / "instructions.jsonl"
-    path.write_text("".join(json.dumps({"instruction": i}) + "\n" for i in
-                            ["Name a color.", "What is 2 + 2?", "Say hi.", "Write one word about the sea, please.", "Why?"]))
+    texts = ["Name a color.", "What is 2 + 2?", "Say hi.", "Write one word about the sea, please.", "Why?"]
+    path.write_text("".join(json.dumps({"instruction": i}) + "\n" for i in texts))
     return path
 
 
@@ -443,3 +443,19 @@ def test_damaged_metrics_line_is_named_and_a_killed_export_is_cleaned(undisturbe
     (out / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
     assert train.run(cfg, ONE_DEVICE).hf_dir == out / "hf"
     assert not stale.exists() and hf_params(out).keys() == hf_params(undisturbed.out_dir).keys()
+
+
+def test_unreadable_checkpoint_leaves_stderr_readable(undisturbed, tiny_smol_dir, data_dir, tmp_path):
+    """A truncated newest checkpoint, resumed from the command line: one warning line, no cascade of
+    `Event loop is closed` tracebacks from the reads that were still in flight."""
+    out = shutil.copytree(undisturbed.out_dir, tmp_path / "run")
+    shutil.rmtree(out / "hf")
+    latest = corrupt_latest(out / "checkpoints")
+    done = subprocess.run(train_command(tiny_smol_dir, data_dir, out), cwd=ROOT, env=CLI_ENV, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warned = [line for line in done.stderr.splitlines() if "UserWarning" in line]
+    assert len(warned) == 1 and f"checkpoint step {latest} in {out}/checkpoints is unreadable (" in warned[0]
+    assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
+    ref, got = hf_params(undisturbed.out_dir), hf_params(out)
+    assert all(np.array_equal(ref[k], got[k]) for k in ref)
