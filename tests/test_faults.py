@@ -288,6 +288,33 @@ def test_generate_killed_midway_resumes_to_identical_output(tiny_smol_dir, instr
     assert len(decoded) == 2 and not kept.exists()  # 3 batches, the first kept
 
 
+def test_generate_sigkilled_midway_resumes_to_identical_output(tiny_smol_dir, tmp_path):
+    """The real thing from the command line: SIGKILL once the first batch is kept; no compile cache, and each
+    instruction its own batch of another padded width, so every later batch waits on a compilation."""
+    instructions = tmp_path / "three.jsonl"
+    texts = ["Hi.", "Name three colors that are used in flags.", "Write one long sentence about the sea, " * 3]
+    instructions.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in texts))
+    cfg = generate_config(tiny_smol_dir, instructions, tmp_path / "killed" / "out.json")
+    cfg.decode.batch_size = 1
+    command = [sys.executable, "-m", "jax_implicit.generate", f"--config={ROOT}/configs/generate.py:no_rules",
+               *(f"--config.{k}={v}" for k, v in (("model.path", cfg.model.path), ("data.instructions", instructions),
+                                                  ("output", cfg.output), ("decode.max_new_tokens", 4),
+                                                  ("decode.batch_size", 1), ("decode.bucket", 16)))]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    kept, deadline = partial.path_for(cfg.output), time.time() + 600
+    while not (kept.exists() and kept.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-2000:]
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert not Path(cfg.output).exists(), "the run finished before it was killed"
+    whole = generate_config(tiny_smol_dir, instructions, tmp_path / "whole" / "out.json")
+    whole.decode.batch_size = 1
+    assert generate.run(cfg).read_bytes() == generate.run(whole).read_bytes()
+    assert not kept.exists()
+
+
 def ranking_cfg(model_dir, data_dir, results):
     from configs.eval import ranking as ranking_config
 
