@@ -418,15 +418,16 @@ def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Exi
                     loss = float(np.sum(np.asarray(jax.device_get(losses), np.float64)))
                     lr = float(schedule(step))
                     state, accum, applied = apply_step(state, accum)
-                    if not bool(applied):
+                    applied = bool(applied)
+                    if not applied:
                         what = f"loss ({loss})" if not math.isfinite(loss) else "update"
-                        where_ = (f"non-finite {what} at step {step + 1} (epoch {epoch}, batch {position}, "
-                                  f"examples {', '.join(examples.names[i] for i in batch_ids)})")
+                        cause = (f"non-finite {what} at step {step + 1} (epoch {epoch}, batch {position}, "
+                                 f"examples {', '.join(examples.names[i] for i in batch_ids)})")
                         if t.nonfinite == "stop":
-                            raise TrainingError(f"{where_}; stopped without updating. Last good checkpoint: "
+                            raise TrainingError(f"{cause}; stopped without updating. Last good checkpoint: "
                                                 f"step {ckpts.latest_step()} in {ckpts.directory}")
                         skipped += 1
-                        warnings.warn(f"{where_}; skipped, the state kept as it was ({skipped} skipped so far)",
+                        warnings.warn(f"{cause}; skipped, the state kept as it was ({skipped} skipped so far)",
                                       stacklevel=1)
                     step += 1
                     tokens = int(sum(b["mask"].sum() for b in micros))
@@ -434,7 +435,7 @@ def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Exi
                     row = dict(step=step, epoch=epoch, loss=loss, lr=lr, tokens=tokens,
                                loss_tokens=int(sum(b["loss"][:, 1:].sum() for b in micros)),
                                seconds=round(seconds, 4), tokens_per_s=round(tokens / seconds, 1))
-                    if not bool(applied):
+                    if not applied:
                         row["skipped"] = True
                     if writer:
                         metrics_file.write(json.dumps(row) + "\n")
