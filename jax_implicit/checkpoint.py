@@ -129,12 +129,14 @@ class Checkpoints:
 
     def _restore_first(self, steps: list[int], abstract_state: Any) -> tuple[Any, dict] | None:
         for step in steps:
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(),
-                                      integrity=ocp.args.JsonRestore())
+            # saved before fingerprints existed: restored with shapes and finiteness checked, and a warning
+            legacy = not (self.directory / str(step) / "integrity").exists()
+            items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
             try:
-                restored = self.manager.restore(step, args=args)
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    **items, **({} if legacy else dict(integrity=ocp.args.JsonRestore()))))
                 _check_like(restored.state, abstract_state)
-                _verify(restored.state, restored.integrity)
+                _verify(restored.state, None if legacy else restored.integrity)
             except Exception as e:  # noqa: BLE001 -- any unusable step falls back to the one before
                 moved = self._set_aside(step)
                 reason = (str(e).strip().splitlines() or [""])[0]
@@ -142,6 +144,9 @@ class Checkpoints:
                 warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: "
                               f"{reason}); moved to {moved}; restoring the one before", stacklevel=3)
                 continue
+            if legacy:
+                warnings.warn(f"checkpoint step {step} in {self.directory} was saved without fingerprints (by an "
+                              "older version): restored with only its shapes and finiteness checked", stacklevel=3)
             return restored.state, dict(restored.meta)
         return None
 
@@ -198,13 +203,14 @@ def _check_like(state: Any, abstract_state: Any) -> None:
             raise ValueError(f"restored array {g.shape} {g.dtype}, expected {w.shape} {w.dtype}")
 
 
-def _verify(state: Any, integrity: dict) -> None:
-    """The restored arrays must be finite and carry the fingerprints recorded when they were saved."""
+def _verify(state: Any, integrity: dict | None) -> None:
+    """The restored arrays must be finite and carry the fingerprints recorded when they were saved
+    (`integrity` None: a checkpoint from before fingerprints, checked for finiteness only)."""
     recorded = integrity.get("fingerprint") if isinstance(integrity, dict) else None
-    if not isinstance(recorded, dict):
-        raise ValueError("no fingerprints were recorded with it")
+    if integrity is not None and not isinstance(recorded, dict):
+        raise ValueError("its record of fingerprints is damaged")
     prints, bad = fingerprint(state)
-    changed = sorted(k for k in prints if recorded.get(k) != prints[k])
+    changed = sorted(k for k in prints if recorded is not None and recorded.get(k) != prints[k])
     if changed:
         raise ValueError(f"{len(changed)} array(s) differ from what was saved: {', '.join(changed[:3])}")
     if bad:

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file, save_file
 from transformers import AutoTokenizer
@@ -486,3 +487,19 @@ def test_unreadable_checkpoint_leaves_stderr_readable(undisturbed, tiny_smol_dir
     assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
     ref, got = hf_params(undisturbed.out_dir), hf_params(out)
     assert all(np.array_equal(ref[k], got[k]) for k in ref)
+
+
+def test_checkpoint_saved_before_fingerprints_still_restores_with_a_warning(tmp_path):
+    """Runs started by an older version keep their checkpoints: no fingerprints, so only shapes and finiteness."""
+    state = {"w": jnp.arange(12.0).reshape(3, 4), "rng": jax.random.PRNGKey(1)}
+    manager = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": 5})))
+    manager.wait_until_finished()
+    manager.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    ckpts = checkpoint.Checkpoints(tmp_path, every=1, max_to_keep=2)
+    with pytest.warns(UserWarning, match=r"checkpoint step 5 in .* was saved without fingerprints \(by an older "
+                                         r"version\): restored with only its shapes and finiteness checked"):
+        restored, meta = ckpts.restore_latest(abstract)
+    ckpts.close()
+    assert meta == {"step": 5} and np.array_equal(restored["w"], state["w"])
