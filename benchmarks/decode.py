@@ -30,7 +30,7 @@ _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "16"], "batch sizes to time")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
 _REPS = flags.DEFINE_integer("reps", 3, "timed repetitions per side (best is reported)")
 _HF_THREADS = flags.DEFINE_list("hf_threads", ["default", "1"], "torch thread settings to try for transformers")
-_PROMPTS = flags.DEFINE_string("prompts", str(ROOT / "data" / "val_eval" / "val.jsonl"),
+_PROMPTS = flags.DEFINE_string("prompts", "val",
                                "instructions file (JSON/JSONL) or dataset name")
 
 

@@ -26,14 +26,14 @@ def get_config(variant: str = "") -> ConfigDict:
         limit=0,  # 0: all rows
     ))
     c.decode = ConfigDict(dict(
-        max_new_tokens=512,
-        batch_size=16,
+        max_new_tokens=512,  # response tokens at most (the paper: 512 for AlpacaEval)
+        batch_size=16,  # instructions decoded together
         bucket=64,  # prompts are left-padded to a multiple of this many tokens
         temperature=0.0,  # 0: greedy (the paper's setting)
-        top_p=1.0,
-        seed=0,
+        top_p=1.0,  # nucleus sampling mass when temperature > 0
+        seed=0,  # sampling seed (greedy decoding ignores it)
         tag_set="user_assistant",  # or "AB" for the tag ablation
     ))
-    c.generator = ""  # name written to the output; default: model folder name + variant
+    c.generator = ""  # name written to the output; default: <model folder>-<variant> (greedy, rules, rules-no_eos, ...)
     c.output = ""  # default: outputs/generate/<generator>-<dataset>.json
     return c

@@ -20,6 +20,6 @@ def get_config(model: str = "llama2_7b") -> ConfigDict:
         mesh=config.mesh(data=1, fsdp=-1, tensor=1, rules="fsdp"),
         data=dict(max_seq_length=2048),
         train=dict(micro_batch=8),
-        hardware="all",
-        headroom=0.9,
+        hardware="all",  # a name in jax_implicit.plan.HARDWARE, or "all"
+        headroom=0.9,  # share of device memory a plan may use
     ))

@@ -28,8 +28,9 @@ def get_config(model: str = "llama2_7b") -> ConfigDict:
     c.reference_epochs = 10  # the instruction-tuned model every head-to-head is judged against
     c.rules = ("", "no_eos", "no_uniform", "no_diversity")  # the base model x the rules, and one-rule ablations
     c.eval_sets = ("val", "alpaca_eval")  # val (56) to choose epochs, alpaca_eval (805) for the tables
-    c.ranking_data = "tatsu-lab/alpaca"  # or a local JSON/JSONL file of {instruction, input, output}
+    c.ranking_data = "tatsu-lab/alpaca"  # the paper's (online); offline: "dolly" or a JSON/JSONL file of {instruction, input, output}
     c.judge = "auto"  # gpt4 with OPENAI_API_KEY, else the local judge (configs/eval/alpaca.py)
+    c.allow_local_judge = False  # True: judge the grid with the local model when no OPENAI_API_KEY is set
     c.judge_model = ""  # the local judge's HF folder; "": configs/eval/alpaca.py's
     c.launcher = "gpu_host"  # gpu_host, tpu_pod or slurm (launch/); evaluation runs as one process on it
     c.launcher_args = ""  # the launcher's own options, e.g. "--name=my-v4-32 --zone=us-central2-b"

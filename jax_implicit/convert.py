@@ -240,10 +240,12 @@ class _AtomicDir:
 
 
 def export_hf(decoder: M.Decoder, out: str | Path, *, tokenizer_dir: str | Path | None = None,
-              max_shard_bytes: int = 2 << 30) -> Path:
+              chat_template: str | None = None, max_shard_bytes: int = 2 << 30) -> Path:
     """Write an HF folder that `AutoModelForCausalLM.from_pretrained` loads with identical logits.
 
-    All processes must call this (sharded tensors are gathered collectively); process 0 writes.
+    `chat_template`: set on the exported tokenizer (the format the model was trained on, so that
+    `apply_chat_template` and serving engines prompt it that way). All processes must call this (sharded
+    tensors are gathered collectively); process 0 writes.
     """
     from safetensors.flax import save_file
 
@@ -286,6 +288,12 @@ def export_hf(decoder: M.Decoder, out: str | Path, *, tokenizer_dir: str | Path 
         for f in TOKENIZER_FILES if tokenizer_dir else ():
             if (Path(tokenizer_dir) / f).is_file():
                 shutil.copy(Path(tokenizer_dir) / f, tmp / f)
+        if tokenizer_dir and chat_template:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            tokenizer.chat_template = chat_template
+            tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from ml_collections import ConfigDict
 
-from jax_implicit import io, prompts
+from jax_implicit import datasets, io, prompts
 
 MODES = ("instruction", "response", "single_task")
 SINGLE_TASK = ("gsm8k", "mbpp", "poetry", "recipes", "chess")
@@ -34,7 +34,7 @@ class DataError(ValueError):
 
 def data_config(name: str = "lima", path: str = "", mode: str = "instruction", tag_set: str = "user_assistant",
                 max_seq_length: int = 2048, limit: int = 0, bucket_min: int = 64) -> ConfigDict:
-    """`path`: a local file or folder to read instead of the public id; `limit`: keep the first N examples
+    """`path`: a file or folder, a named dataset or a hub id to read instead of the name's own source; `limit`: keep the first N examples
     (0: all); `bucket_min`: the shortest padded length (buckets double up to `max_seq_length`)."""
     return ConfigDict(dict(name=name, path=path, mode=mode, tag_set=tag_set, max_seq_length=max_seq_length,
                            limit=limit, bucket_min=bucket_min))
@@ -130,23 +130,23 @@ def _chess(rows, where) -> Iterator[dict]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Source:
-    hub_id: str
-    hub_config: str | None
+class Format:
+    """How a dataset's rows become `messages` rows (where they come from is `datasets.CATALOG`'s job)."""
+
     convert: Callable
     source_rows: int | None = None  # the authors read only the first N rows of the source
     examples: int | None = None  # ... or stopped after N examples
 
 
-DATASETS: dict[str, Source] = {
-    "lima": Source("GAIR/lima", None, _lima),
-    "alpaca": Source("tatsu-lab/alpaca", None, _alpaca),
-    "dolly": Source("databricks/databricks-dolly-15k", None, _dolly),
-    "gsm8k": Source("openai/gsm8k", "main", _gsm8k, source_rows=1000),
-    "mbpp": Source("google-research-datasets/mbpp", None, _mbpp, source_rows=1000),
-    "poetry": Source("merve/poetry", None, _poetry, source_rows=1000),
-    "recipes": Source("Hieu-Pham/kaggle_food_recipes", None, _recipes, source_rows=1000),
-    "chess": Source("patrickfrank1/chess-pgn-games", None, _chess, examples=1000),
+DATASETS: dict[str, Format] = {
+    "lima": Format(_lima),
+    "alpaca": Format(_alpaca),
+    "dolly": Format(_dolly),
+    "gsm8k": Format(_gsm8k, source_rows=1000),
+    "mbpp": Format(_mbpp, source_rows=1000),
+    "poetry": Format(_poetry, source_rows=1000),
+    "recipes": Format(_recipes, source_rows=1000),
+    "chess": Format(_chess, examples=1000),
 }
 
 
@@ -192,7 +192,8 @@ def _check_messages(row: dict, where: str) -> dict:
 
 
 def load_rows(cfg: ConfigDict) -> list[dict]:
-    """The dataset `cfg.name` as `messages` rows, from `cfg.path` if given, else from its public id."""
+    """The dataset `cfg.name` as `messages` rows, from `cfg.path` if given (a file or folder, another named
+    dataset such as `lima_rephrased`, or a hub id), else from the named dataset's own source."""
     if cfg.name not in DATASETS:
         raise DataError(f"unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
     if cfg.mode not in MODES:
@@ -201,13 +202,17 @@ def load_rows(cfg: ConfigDict) -> list[dict]:
         raise DataError(f"mode 'single_task' is for the narrow datasets {SINGLE_TASK}, not {cfg.name!r}")
     prompts.tags(cfg.tag_set)
     src = DATASETS[cfg.name]
-    if cfg.path:
-        raw, where = _local_rows(Path(cfg.path))
+    try:
+        source = datasets.resolve(cfg.path or cfg.name, flag="--config.data.path")
+    except datasets.DataSourceError as e:
+        raise DataError(str(e)) from None
+    if source.path is not None:
+        raw, where = _local_rows(source.path)
     else:
-        import datasets
+        import datasets as hf_datasets
 
-        raw = datasets.load_dataset(src.hub_id, src.hub_config, split="train")
-        where = lambda i: f"{src.hub_id} row {i}"  # noqa: E731
+        raw = hf_datasets.load_dataset(source.hub_id, source.hub_config, split=source.split)
+        where = lambda i: f"{source} row {i}"  # noqa: E731
     rows_in = itertools.islice(raw, src.source_rows)  # lazy: chess reads a large source only up to 1000 games
     first = next(rows_in, None)
     rows_in = enumerate(itertools.chain([] if first is None else [first], rows_in))
@@ -217,7 +222,7 @@ def load_rows(cfg: ConfigDict) -> list[dict]:
         rows = list(itertools.islice(src.convert(rows_in, where), src.examples))
     rows = rows[:cfg.limit] if cfg.limit else rows
     if not rows:
-        raise DataError(f"dataset {cfg.name!r} ({cfg.path or src.hub_id}) has no rows")
+        raise DataError(f"dataset {cfg.name!r} ({source}) has no rows")
     return [apply_mode(r, cfg.mode) for r in rows]
 
 

@@ -12,32 +12,23 @@ with a config derived from `configs/demo.py`, so the demo exercises the real cod
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from ml_collections import ConfigDict
 
-from jax_implicit import convert, io, prompts
+from jax_implicit import convert, datasets, io, prompts
 
-# Local files under a data folder, by role (the layout of data/).
-LOCAL = {"val": "val_eval/val.jsonl", "lima": "lima/lima_data.jsonl", "ranking": "dolly/dolly_train.json"}
-# The public ids used when no data folder exists (online).
-PUBLIC = {"val": "val", "lima": "", "ranking": "tatsu-lab/alpaca"}
 VARIANTS = ("base", "base+rules", "response-tuned")
 
 
-def data_sources(data_dir: str) -> tuple[dict[str, str], str]:
-    """Paths (or ids) of the demo's three datasets, and a sentence saying where they come from."""
-    folder, how = io.data_folder(data_dir)
-    if folder is None:
-        return dict(PUBLIC), "public dataset ids (online): the paper's val set, GAIR/lima, tatsu-lab/alpaca"
-    missing = [str(folder / f) for f in LOCAL.values() if not (folder / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"data folder {folder} ({how}) lacks: {', '.join(missing)}")
-    note = f"local data folder {folder} ({how}); response ranking on Dolly rows as the offline stand-in for Alpaca"
-    return {k: str(folder / f) for k, f in LOCAL.items()}, note
+def data_sources(cfg: ConfigDict) -> tuple[dict[str, str], str]:
+    """The demo's three datasets (each a name, file or hub id, resolved before any model work), and a
+    sentence saying where they come from."""
+    found = {role: datasets.resolve(spec, flag=f"--config.data.{role}") for role, spec in cfg.data.items()}
+    note = "; ".join(f"{role}: {spec} ({found[role]})" for role, spec in cfg.data.items())
+    return {role: str(source.path or source.spec) for role, source in found.items()}, note
 
 
 class Stages:
@@ -98,7 +89,8 @@ def _rank(cfg: ConfigDict, model_dir: Path, examples: Path, name: str) -> dict:
 
     r = _load_config("configs/eval/ranking.py")
     r.model.update(path=str(model_dir), param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
-    r.update(data=str(examples), n=cfg.ranking.examples, k=cfg.ranking.k, seed=cfg.ranking.seed,
+    r.run.seed = cfg.ranking.seed
+    r.update(data=str(examples), n=cfg.ranking.examples, k=cfg.ranking.k,
              max_seq_length=cfg.ranking.max_seq_length, out=str(Path(cfg.work) / "ranking" / f"{name}.json"))
     return ranking.run(r)
 
@@ -142,7 +134,7 @@ def run(cfg: ConfigDict) -> Path:
     from jax_implicit import model as M
 
     start = time.perf_counter()
-    sources, data_note = data_sources(cfg.data_dir)
+    sources, data_note = data_sources(cfg)
     print(f"data: {data_note}")
     stages = Stages(total=10)
     model_dir = stages("model: convert the real weights into checkpoints/", convert.model_dir, cfg.model.path)
@@ -169,18 +161,10 @@ def run(cfg: ConfigDict) -> Path:
     return Path(cfg.report)
 
 
-def main(argv) -> None:
+if __name__ == "__main__":
     from absl import logging
 
-    del argv
+    from jax_implicit import cli
+
     logging.set_verbosity(logging.WARNING)  # the stages print their own progress; INFO is JAX's and orbax's chatter
-    run(_CONFIG.value)
-
-
-if __name__ == "__main__":
-    from absl import app
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "demo config")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app.run(main)
+    cli.main(run, "configs/demo.py")

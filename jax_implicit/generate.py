@@ -9,40 +9,33 @@ checked (config values, the instruction file, prompt lengths) is checked before 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-from absl import app, logging
-from ml_collections import ConfigDict, config_flags
+from absl import logging
+from ml_collections import ConfigDict
 
-from jax_implicit import io, partial, runlock
+from jax_implicit import datasets, io, partial, runlock
 
-VAL_URL = "https://raw.githubusercontent.com/john-hewitt/implicit-ins/main/eval/val_eval/val.jsonl"
-# dataset name -> its file in the local data folder (data/), and how to fetch the public one
-LOCAL = {"val": "val_eval/val.jsonl", "alpaca_eval": "alpaca_eval/alpaca_eval.json"}
-PUBLIC = {"val": lambda: _hf_rows("json", data_files=VAL_URL, split="train"),
-          "alpaca_eval": lambda: _hf_rows("tatsu-lab/alpaca_eval", "alpaca_eval", split="eval")}
-
-
-def _hf_rows(*args, **kwargs) -> list[dict]:
-    import datasets
-
-    return [dict(r) for r in datasets.load_dataset(*args, **kwargs)]
-
-
-def read_instructions(source: str, limit: int = 0) -> list[dict]:
-    """Rows {instruction, dataset} from a JSON/JSONL file or a dataset name (its copy in the local data
-    folder when there is one, else the public dataset). Every row must carry a string `instruction`."""
-    folder, _ = io.data_folder()
-    if source in PUBLIC and folder is not None and (folder / LOCAL[source]).is_file():
-        rows = io.read_rows(folder / LOCAL[source], required=("instruction",), what="instructions")
-    elif source in PUBLIC:
-        rows = PUBLIC[source]()
+def read_instructions(spec: str, limit: int = 0) -> list[dict]:
+    """Rows {instruction, dataset} from a dataset name (`val`, `alpaca_eval`), a JSON/JSONL file or a hub id.
+    Every row must carry a string `instruction`."""
+    source = datasets.resolve(spec, flag="--config.data.instructions")
+    if source.path is None:
+        rows = datasets.hub_rows(source)
     else:
-        rows = io.read_rows(source, required=("instruction",), what=f"instructions (a file or one of {sorted(PUBLIC)}):")
-    out = [{"instruction": r["instruction"], "dataset": r.get("dataset", Path(source).stem)} for r in rows]
+        rows = io.read_rows(source.path, required=("instruction",), what="instructions")
+    out = [{"instruction": r["instruction"], "dataset": r.get("dataset", Path(spec).stem)} for r in rows]
     return out[:limit] if limit else out
+
+
+def names(cfg: ConfigDict) -> tuple[str, Path]:
+    """The generator label written into each row and the output file: both name the decoding variant
+    (greedy, rules, rules-no_eos, ...), so the ablations never overwrite each other."""
+    from jax_implicit import rules
+
+    generator = cfg.generator or f"{Path(cfg.model.path).name}-{rules.variant(cfg.rules if cfg.use_rules else None)}"
+    return generator, Path(cfg.output or f"outputs/generate/{generator}-{Path(cfg.data.instructions).stem}.json")
 
 
 def run(cfg: ConfigDict) -> Path:
@@ -63,8 +56,7 @@ def run(cfg: ConfigDict) -> Path:
                           mcfg.max_position_embeddings)
     except ValueError as err:
         raise ValueError(f"{cfg.data.instructions}: {err}") from None
-    generator = cfg.generator or Path(cfg.model.path).name + ("-rules" if cfg.use_rules else "-greedy")
-    output = Path(cfg.output or f"outputs/generate/{generator}-{Path(cfg.data.instructions).stem}.json")
+    generator, output = names(cfg)
     with runlock.hold(runlock.beside(output), f"output {output}"):  # also: the folder is writable, before the model
         keep = partial.Partial(partial.path_for(output), dict(config=json.loads(cfg.to_json_best_effort()),
                                                               rows=rows, weights=partial.stamp(path)))
@@ -94,15 +86,7 @@ def run(cfg: ConfigDict) -> Path:
     return output
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        print(run(_CONFIG.value))
-    except (ValueError, FileNotFoundError, runlock.Busy, runlock.Unwritable) as e:  # named input errors
-        sys.exit(f"error: {e}")
+if __name__ == "__main__":
+    from jax_implicit import cli
 
-
-if __name__ == "__main__":  # the flag is defined here so that importing this module defines none
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py", "generation config (ml_collections)")
-    app.run(main)
+    cli.main(run, "configs/generate.py")

@@ -1,5 +1,5 @@
-"""Where data comes from and how files are read and written: the local data folder, config files, JSON rows
-with errors that name the file, row and key, and atomic writes (text, JSON and PNG figures)."""
+"""How files are read and written: config files, JSON rows with errors that name the file, row and key, and
+atomic writes (text, JSON and PNG figures)."""
 
 from __future__ import annotations
 
@@ -12,25 +12,6 @@ from pathlib import Path
 from typing import Sequence
 
 from ml_collections import ConfigDict
-
-DATA_ENV = "JAX_IMPLICIT_DATA"
-REPO_DATA = Path(__file__).resolve().parents[1] / "data"  # the data/ folder shipped with the repository
-
-
-def data_folder(flag: str = "") -> tuple[Path | None, str]:
-    """The local data folder to read instead of public dataset ids, and how it was chosen.
-
-    Order: an explicit flag, then $JAX_IMPLICIT_DATA, then the repository's data/ folder; None
-    means "use the public ids" (online). A folder that was asked for but does not exist is an error.
-    """
-    for value, how in ((flag, "given by flag"), (os.environ.get(DATA_ENV, ""), f"from ${DATA_ENV}")):
-        if value:
-            if not Path(value).is_dir():
-                raise FileNotFoundError(f"data folder {value} ({how}) does not exist")
-            return Path(value), how
-    if REPO_DATA.is_dir():
-        return REPO_DATA, "the repository's data/ folder"
-    return None, "no local data folder"
 
 
 def load_config_file(path: str | Path, arg: str | None = None) -> ConfigDict:

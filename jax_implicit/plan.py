@@ -123,6 +123,10 @@ def _param_leaves(cfg: M.ModelConfig) -> list[tuple[tuple[str, ...], tuple[int, 
     return [(a, v.shape) for a, v in zip(axes, jax.tree.leaves(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))))]
 
 
+def param_count(cfg: M.ModelConfig) -> int:
+    return sum(math.prod(s) for _, s in _param_leaves(cfg))
+
+
 def _elems(sh: Sharder, axes, shape, only: tuple[str, ...] = MESH_AXES) -> int:
     """Elements per device of an array, counting the splits over the mesh axes in `only`."""
     n = math.prod(shape)
@@ -170,8 +174,7 @@ def plan(cfg: M.ModelConfig, mesh_cfg: Mapping[str, Any], hardware: str, micro_b
         "weight copies": elems * c if c != p else 0,
         "workspace": layer_tp * (c + 4) if gathered else 0,
     }
-    total_params = sum(math.prod(s) for _, s in leaves)
-    return Plan(hardware, dict(zip(MESH_AXES, shape)), micro_batch, rows, total_params, components,
+    return Plan(hardware, dict(zip(MESH_AXES, shape)), micro_batch, rows, param_count(cfg), components,
                 int(headroom * hw.bytes_per_device))
 
 
@@ -207,19 +210,18 @@ def report(cfg: M.ModelConfig, name: str, mesh_cfg: Mapping[str, Any], hardware:
     return "\n".join(lines)
 
 
-def main(argv) -> None:
-    cfg = _CONFIG.value
+def run(cfg) -> str:
+    """The plan of `cfg` (a planner or training config) on `cfg.hardware` ("all": every accelerator known)."""
     model = model_config(cfg.model.path, cfg.model.param_dtype, cfg.model.dtype)
-    hardware = cfg.get("hardware", "all")
-    names = sorted(HARDWARE) if hardware == "all" else [hardware]
-    for hw in names:
-        print(report(model, cfg.model.path, cfg.mesh, hw, cfg.train.micro_batch, cfg.data.max_seq_length,
-                     cfg.get("headroom", 0.9)))
+    if cfg.hardware != "all" and cfg.hardware not in HARDWARE:
+        raise ValueError(f"hardware={cfg.hardware!r}; expected 'all' or one of {sorted(HARDWARE)}")
+    names = sorted(HARDWARE) if cfg.hardware == "all" else [cfg.hardware]
+    return "\n".join(report(model, cfg.model.path, cfg.mesh, hw, cfg.train.micro_batch, cfg.data.max_seq_length,
+                            cfg.headroom) for hw in names)
 
 
 if __name__ == "__main__":
-    from absl import app
-    from ml_collections import config_flags
+    from jax_implicit import cli
 
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/plan.py", "planner config (see configs/plan.py)")
-    app.run(main)
+    # A training config lacks the planner's own settings; they are added with these defaults.
+    cli.main(run, "configs/plan.py", extra=dict(hardware="all", headroom=0.9))

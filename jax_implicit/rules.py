@@ -48,16 +48,23 @@ TOKENS: dict[str, tuple[str, float]] = {
 def default_config() -> ConfigDict:
     """The paper's rules and weights; Table 4's ablations switch `eos`, `uniform` or `diversity` off."""
     return ConfigDict(dict(
-        eos=True,
+        eos=True,  # rule 1: ramp up the EOS score with the response length
         eos_scale=15.0,  # EOS score 15 * n / horizon while 0 < n < horizon (n = response tokens so far)
         eos_horizon=250,
         eos_monotone=False,  # False: the authors' quirk, score 0 from n = horizon on; True: stays at eos_scale
-        uniform=True,
+        uniform=True,  # rule 2: fixed offsets on 15 tokens (strings / weights below)
         strings={name: s for name, (s, _) in TOKENS.items()},
         weights={name: w for name, (_, w) in TOKENS.items()},
-        diversity=True,
+        diversity=True,  # rule 3: penalise tokens already in the response
         diversity_penalty=-1.5,  # once per distinct id seen since the end of the user tag
     ))
+
+
+def variant(cfg: ConfigDict | None) -> str:
+    """The decoding variant's name: "greedy" without rules, "rules", or "rules-no_eos" etc. for an ablation."""
+    if cfg is None:
+        return "greedy"
+    return "rules" + "".join(f"-no_{rule}" for rule in ("eos", "uniform", "diversity") if not cfg[rule])
 
 
 @jax.tree_util.register_dataclass

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Iterator
 
 
-class Busy(RuntimeError):
-    """Another live run holds the lock."""
+class Busy(OSError):
+    """Another live run holds the lock (an OSError, so every command reports it in one line)."""
 
 
-class Unwritable(RuntimeError):
+class Unwritable(OSError):
     """The output's folder cannot be written (found before any work, not after it)."""
 
 

@@ -13,13 +13,18 @@ that `evaluate.tables` reads:
     results/<base>/<method>_<E>ep/seed<N>/outputs/<eval_set>.json   tuned models
     results/<base>/<method>[_<E>ep]/seed<N>/<eval_set>/<judge>/result.json, ranking.json
 
-A step whose product file already exists here is skipped, so running the same command again resumes
-an interrupted sweep (on tpu_pod the products live on worker 0: run the sweep from there to resume).
+A step whose product file exists here, next to a record of the command that made it (`.<product>.step`,
+holding a hash of the command), is skipped, so running the same command again resumes an interrupted
+sweep (on tpu_pod the products live on worker 0: run the sweep from there to resume). A product made by
+another command (another model path, learning rate, ...) stops the sweep before anything runs.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import json
 import shlex
 import subprocess
 import time
@@ -31,6 +36,8 @@ from jax_implicit import io
 from jax_implicit.evaluate import alpaca, layout
 
 ROOT = Path(__file__).resolve().parents[1]
+LIMA_ROWS = 1030  # training examples per epoch, at most (LIMA; the single-task sets use 1000)
+EVAL_ROWS = {"val": 56, "alpaca_eval": 805}  # instructions per evaluation set
 LAUNCHERS = {"gpu_host": "launch/gpu_host.sh", "tpu_pod": "launch/tpu_pod.sh", "slurm": "launch/slurm.sbatch"}
 
 
@@ -42,14 +49,39 @@ class Step:
     args: tuple[str, ...]
     product: Path
 
+    @property
+    def record(self) -> Path:
+        """Beside the product: the hash of the command that made it."""
+        return self.product.parent / f".{self.product.name}.step"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps([self.module, *self.args]).encode()).hexdigest()[:16]
+
+    def done(self) -> bool:
+        """Made by this very command; a product made by another command is an error, not a skip."""
+        product, record = ROOT / self.product, ROOT / self.record
+        if not product.is_file():
+            return False
+        made_by = json.loads(record.read_text())["hash"] if record.is_file() else "no record"
+        if made_by != self.digest:
+            raise ValueError(f"{self.product} exists but was made by another command ({made_by}, this one is "
+                             f"{self.digest}); move it away, or give this sweep its own results/runs folders")
+        return True
+
 
 def _overrides(**values) -> tuple[str, ...]:
     return tuple(f"--config.{k.replace('__', '.')}={v}" for k, v in values.items())
 
 
 def judge(cfg: ConfigDict) -> tuple[str, str]:
-    """The judge kind the sweep's head-to-heads use and their folder in the results layout."""
+    """The judge kind the sweep's head-to-heads use and their folder in the results layout. The paper's grid is
+    judged by GPT-4: the local judge only when `allow_local_judge` says so."""
     kind = alpaca.judge_kind(cfg.judge)
+    if kind == "local" and not cfg.allow_local_judge:
+        raise ValueError(f"sweep.judge={cfg.judge!r} resolves to the local judge (no OPENAI_API_KEY is set), whose "
+                         "win rates are not comparable with the paper's GPT-4 judge; set OPENAI_API_KEY, or "
+                         "--config.allow_local_judge=True to judge the grid locally")
     defaults = io.load_config_file(ROOT / "configs" / "eval" / "alpaca.py")
     if cfg.judge_model:
         defaults.judge.model.path = cfg.judge_model
@@ -90,7 +122,7 @@ def plan(cfg: ConfigDict) -> list[Step]:
 
     def ranked(m: str, seed: int, path: str) -> Step:
         return Step("jax_implicit.evaluate.ranking", ("--config=configs/eval/ranking.py", *_overrides(
-            model__path=path, data=cfg.ranking_data, seed=seed, run__results=results, run__base=cfg.base,
+            model__path=path, data=cfg.ranking_data, run__results=results, run__base=cfg.base,
             run__method=m, run__seed=seed), *shlex.split(cfg.extra.ranking)), seed_dir(m, seed) / layout.RANKING)
 
     def tuned(task: str, epochs: int, seed: int) -> list[Step]:
@@ -137,12 +169,40 @@ def tables_command(cfg: ConfigDict) -> str:
                        f"--config.judge={judge(cfg)[1]}", f"--config.seeds={len(cfg.seeds)}"])
 
 
+def estimate(cfg: ConfigDict, steps: list[Step]) -> str:
+    """What the steps are, by command, and a rough upper bound of their compute: 6 N T FLOPs per training
+    (every example at max_seq_length) and 2 N T per decoded instruction (prompt + max_new_tokens)."""
+    from jax_implicit import plan as planner
+
+    counts = collections.Counter(s.module.rsplit(".", 1)[-1] for s in steps)
+    paper = io.load_config_file(ROOT / "configs" / "train" / "paper.py", f"{cfg.model},instruction")
+    params = planner.param_count(planner.model_config(paper.model.path, "float32", "float32"))
+    decode_cfg = io.load_config_file(ROOT / "configs" / "generate.py").decode
+    train_flops = sum(6 * params * LIMA_ROWS * int(_flag(s, "epochs", "10")) * paper.data.max_seq_length
+                      for s in steps if s.module.endswith(".train"))
+    decode_flops = sum(2 * params * EVAL_ROWS.get(_flag(s, "data.instructions", ""), 0) * (256 + decode_cfg.max_new_tokens)
+                       for s in steps if s.module.endswith(".generate"))
+    return (", ".join(f"{n} {name}" for name, n in counts.items()) + f"; at most {train_flops / 1e18:.1f} EFLOP of "
+            f"training and {decode_flops / 1e18:.2f} EFLOP of decoding ({params / 1e9:.2f} B parameters)")
+
+
+def _flag(step: Step, key: str, default: str) -> str:
+    """A setting of the step's command line: an override, or the epochs in a paper.py config string."""
+    for arg in step.args:
+        if arg.startswith(f"--config.{key}="):
+            return arg.split("=", 1)[1]
+        if key == "epochs" and arg.startswith("--config=configs/train/paper.py:"):
+            return arg.split(",")[2]
+    return default
+
+
 def run(cfg: ConfigDict) -> list[Step]:
     """Run (or with `dry_run` print) every step not done yet; returns the steps that were run or printed."""
     steps = plan(cfg)
-    todo = [s for s in steps if not (ROOT / s.product).is_file()]  # relative paths are the checkout's
-    print(f"sweep {cfg.model}: {len(steps)} steps, {len(steps) - len(todo)} already done, {len(todo)} to run",
-          flush=True)
+    todo = [s for s in steps if not s.done()]  # relative paths are the checkout's
+    print(f"sweep {cfg.model}: {len(steps)} steps, {len(steps) - len(todo)} already done, {len(todo)} to run: "
+          f"{estimate(cfg, todo)}", flush=True)
+    print(f"judge: {judge(cfg)[1]}", flush=True)
     for i, step in enumerate(todo):
         argv = command(cfg, step, first=i == 0)
         if cfg.dry_run:
@@ -153,12 +213,13 @@ def run(cfg: ConfigDict) -> list[Step]:
         subprocess.run(argv, cwd=ROOT, check=True)
         if not (ROOT / step.product).is_file():
             raise RuntimeError(f"step {i + 1} finished without writing {step.product}")
+        io.write_json(ROOT / step.record, {"hash": step.digest, "module": step.module, "args": list(step.args)})
         print(f"[{i + 1}/{len(todo)}] done in {time.perf_counter() - start:.0f} s -> {step.product}", flush=True)
     print(f"\ntables: {tables_command(cfg)}")
     return todo
 
 
 if __name__ == "__main__":
-    from jax_implicit.evaluate import cli
+    from jax_implicit import cli
 
     cli.main(run, "configs/sweep.py")

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import logging
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +35,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, config, convert, data, distributed, io, runlock
+from jax_implicit import checkpoint, cli, config, convert, data, distributed, io, prompts, runlock
 from jax_implicit import model as M
 from jax_implicit.plan import activation_bytes
 from jax_implicit.sharding import Sharder
@@ -85,26 +83,12 @@ def default_config() -> ConfigDict:
                            optim=optim_config(), train=train_config()))
 
 
-def _flat_keys(cfg: ConfigDict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in cfg.items():
-        out.update(_flat_keys(v, f"{prefix}{k}.") if isinstance(v, ConfigDict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _unknown_key(key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    close = close or [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
-    hint = f"; close matches: {', '.join(close)}" if close else f"; known keys: {', '.join(known)}"
-    return ConfigError(f"unknown config key {key!r}{hint}")
-
-
 def check_config(cfg: ConfigDict) -> None:
     """Unknown or missing keys and impossible values, with the key named."""
-    known, given = _flat_keys(default_config()), _flat_keys(cfg)
+    known, given = cli.flat(default_config()), cli.flat(cfg)
     for key in given:
         if key not in known:
-            raise _unknown_key(key, sorted(known))
+            raise ConfigError(cli.unknown_key(key, sorted(known)))
     missing = sorted(set(known) - set(given))
     if missing:
         raise ConfigError(f"config lacks keys {missing} (start from train.default_config())")
@@ -292,10 +276,10 @@ def _resume_config(out: Path, cfg: ConfigDict) -> None:
     now = json.loads(cfg.to_json_best_effort())
     if saved.is_file():
         try:
-            before = _flat_keys(ConfigDict(json.loads(saved.read_text())))
+            before = cli.flat(ConfigDict(json.loads(saved.read_text())))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{saved} is damaged ({e}); restore it or move the run folder away") from None
-        changed = sorted(k for k, v in _flat_keys(ConfigDict(now)).items()
+        changed = sorted(k for k, v in cli.flat(ConfigDict(now)).items()
                          if before.get(k) != v and k != "train.out_dir")  # a run folder may be moved
         numbers = [k for k in changed if not k.startswith(OPERATIONAL)]
         if numbers and not cfg.train.allow_config_change:
@@ -455,7 +439,8 @@ def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Exi
         if writer and not tok_dir.is_dir():
             tok_dir = Path(tokenizer.save_pretrained(out / "tokenizer")[0]).parent
         hf_dir = convert.export_hf(nnx.merge(graphdef, state["params"]), out / "hf",
-                                   tokenizer_dir=tok_dir if writer else None)
+                                   tokenizer_dir=tok_dir if writer else None,
+                                   chat_template=prompts.chat_template(d.tag_set))
     plot = plot_loss(rows_logged, out / "loss.png") if writer else out / "loss.png"
     return RunResult(out, hf_dir, metrics_path, plot, step, loss, n, examples.dropped, state)
 
@@ -463,58 +448,15 @@ def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Exi
 # ----------------------------------------------------------------------------- command line
 
 
-def _load_config_file(spec: str) -> ConfigDict:
-    path, _, arg = spec.partition(":")
-    try:
-        return io.load_config_file(path, arg or None)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _check_overrides(argv: list[str]) -> None:
-    """`--config.a.b=v` keys that the config lacks, with close matches (ml_collections names only one)."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None:
-        raise ConfigError("give a config: --config=configs/train/<file>.py[:arguments]")
-    keys = sorted(_flat_keys(_load_config_file(spec)))
-    for a in argv:
-        if a.startswith("--config."):
-            key = a[len("--config."):].split("=", 1)[0]
-            if key not in keys:
-                raise _unknown_key(key, keys)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    from absl import flags
-
-    try:
-        _check_overrides(argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    return flags.FLAGS(argv)
-
-
-def main() -> None:
-    from absl import app
-    from ml_collections import config_flags
-
-    flag = config_flags.DEFINE_config_file("config", None, "a training config: configs/train/<file>.py[:arguments]")
-
-    def _main(argv):
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-        log.setLevel(logging.INFO)
-        try:
-            result = run(flag.value)
-        except (ConfigError, data.DataError, TrainingError, checkpoint.CheckpointError, runlock.Busy,
-                runlock.Unwritable) as e:
-            sys.exit(f"error: {e}")
-        fields = [f.name for f in dataclasses.fields(result) if f.name != "state"]
-        print(json.dumps({k: str(getattr(result, k)) for k in fields}, indent=2))
-
-    app.run(_main, flags_parser=_parse_flags)
+def summary(result: RunResult) -> dict:
+    """What a finished run prints: its paths and final numbers."""
+    return {f.name: str(getattr(result, f.name)) for f in dataclasses.fields(result) if f.name != "state"}
 
 
 if __name__ == "__main__":
-    main()
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    log.setLevel(logging.INFO)
+    cli.main(lambda cfg: summary(run(cfg)), None, errors=(TrainingError, checkpoint.CheckpointError),
+             check=check_config)

@@ -1,9 +1,10 @@
 # Shared by the launch scripts (sourced, not run): argument parsing, shell quoting and --dry-run.
 #
-# Every script takes its own --key=value options, --dry-run, --skip-setup, --module=jax_implicit.X (the
-# command to run; default jax_implicit.train, the one multi-host command: the others run as one
+# Every script takes its own --key=value options, --dry-run, --skip-setup, --help, --module=jax_implicit.X
+# (the command to run; default jax_implicit.train, the one multi-host command: the others run as one
 # process), and that command's own arguments (--config=configs/... first, then any --config.a.b=v
-# overrides), which are passed through unchanged.
+# overrides), which are passed through unchanged. --dry-run first checks those arguments here, with the
+# command's own parser (config file, config string, every key and value type), then prints what would run.
 
 set -euo pipefail
 
@@ -15,6 +16,17 @@ declare -A OPTS=()
 PYTHON=.venv/bin/python
 
 die() { echo "$(basename "$0"): $*" >&2; exit 2; }
+
+# usage: the script's header comment (everything after the shebang up to the first line of code).
+usage() { sed -n '2,/^[^#]/p' "$0" | sed -e '/^#SBATCH/d' -e '/^[^#]/d' -e 's/^# \{0,1\}//'; exit 0; }
+
+# check_command: the command's own parser validates its arguments on this machine, before anything remote.
+check_command() {
+  local py=$PYTHON
+  [[ -x $py ]] || py=python3
+  JAX_IMPLICIT_CHECK_ONLY=1 JAX_PLATFORMS=cpu "$py" -m "$MODULE" "${CMD_ARGS[@]}" >/dev/null \
+    || die "the arguments of $MODULE do not check out (above); nothing was run"
+}
 
 # quote ARGS...: one shell-safe line (single quotes where needed), readable by sh and by Python's shlex.
 quote() {
@@ -35,6 +47,7 @@ parse_args() {
   shift
   for a in "$@"; do
     case $a in
+      -h | --help) usage ;;
       --dry-run) DRY_RUN=1 ;;
       --skip-setup) SKIP_SETUP=1 ;;
       --module=*)
@@ -50,6 +63,7 @@ parse_args() {
   done
   [[ ${#CMD_ARGS[@]} -gt 0 && ${CMD_ARGS[0]} == --config=* ]] \
     || die "the first command argument must be --config=configs/... (got: ${CMD_ARGS[*]:-nothing})"
+  if (( DRY_RUN )); then check_command; fi
 }
 
 # require KEY...: options without a default.

@@ -267,7 +267,7 @@ def test_bad_instruction_files_are_named(tmp_path):
     bad.write_text('{"instruction": "ok"}\n{"prompt": "no instruction key"}\n')
     with pytest.raises(ValueError, match="bad.jsonl, row 1: key 'instruction' is missing"):
         generate.read_instructions(str(bad))
-    with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
+    with pytest.raises(ValueError, match="data.instructions: data file .*nope.json does not exist"):
         generate.read_instructions(str(tmp_path / "nope.json"))
     assert len(generate.read_instructions("val")) == 56  # the dataset name resolves to data/val_eval/val.jsonl
 

@@ -24,9 +24,9 @@ def write(path, rows):
 
 @pytest.fixture()
 def pair_files(tmp_path):
-    outs = [{"instruction": ins, "output": out, "generator": "model", "dataset": "test"}
+    outs = [{"instruction": ins, "output": out, "generator": "model", "dataset": "val"}
             for ins, out in zip(INSTRUCTIONS, ["Blue.", "4", "Bonjour!"])]
-    refs = [{"instruction": ins, "output": out, "generator": "reference", "dataset": "test"}
+    refs = [{"instruction": ins, "output": out, "generator": "reference", "dataset": "val"}
             for ins, out in zip(INSTRUCTIONS, ["Red is a primary color.", "2 + 2 = 4.", "Hello."])]
     return write(tmp_path / "outputs.json", outs), write(tmp_path / "references.json", refs[::-1])
 
@@ -39,6 +39,15 @@ def local_config(tmp_path, model_dir, outputs, references):
     cfg.judge.prompt_template = str(tmp_path / "judge.txt")
     cfg.run.results, cfg.run.base, cfg.run.method = str(tmp_path / "results"), "tiny", "response"
     return cfg
+
+
+def test_outputs_of_another_evaluation_set_are_refused(pair_files, tmp_path):
+    cfg = local_config(tmp_path, tmp_path / "no-judge", *pair_files)
+    cfg.eval_set = "alpaca_eval"
+    with pytest.raises(ValueError, match=r"outputs.json, row 0: dataset 'val' is not the evaluation set "
+                                         r"eval_set='alpaca_eval'; set --config.eval_set"):
+        alpaca.run(cfg)
+    assert not (tmp_path / "results").exists()
 
 
 def torch_preference(hf, tok, instruction, out_1, out_2) -> float:

@@ -59,11 +59,12 @@ def test_run_same_number_for_same_seed_and_on_a_mesh(tiny_smol_dir, data_dir, tm
     cfg = ranking_config.get_config()
     cfg.model.path = str(tiny_smol_dir)
     cfg.data = str(data_dir / "dolly" / "dolly_train.json")
-    cfg.n, cfg.k, cfg.seed, cfg.batch_tokens = 3, 2, 3, 1024
-    cfg.run.results, cfg.run.base, cfg.run.method = str(tmp_path), "tiny", "base"
+    cfg.n, cfg.k, cfg.batch_tokens = 3, 2, 1024
+    cfg.run.results, cfg.run.base, cfg.run.method, cfg.run.seed = str(tmp_path), "tiny", "base", 3
     first = ranking.run(cfg)
-    written = json.loads((tmp_path / "tiny" / "base" / "seed0" / "ranking.json").read_text())
+    written = json.loads((tmp_path / "tiny" / "base" / "seed3" / "ranking.json").read_text())
     assert written["fraction"] == first["fraction"] == ranking.run(cfg)["fraction"]
+    assert written["seed"] == 3 and written["others"] == ranking.pairings(3, 2, seed=3).tolist()  # the folder's seed
     cfg.sharded, cfg.mesh.fsdp = True, 2  # 8 simulated devices: batch rows over data x fsdp, weights over fsdp
     sharded = ranking.run(cfg)
     np.testing.assert_allclose(sharded["real"] + sum(sharded["random"], []), first["real"] + sum(first["random"], []),

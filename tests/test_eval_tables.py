@@ -21,7 +21,8 @@ def write_results(root):
         for seed, v in enumerate(values, start=1):
             path = layout.seed_dir(root, base, "response_10ep", seed) / "alpaca_eval" / GPT4 / layout.RESULT
             path.parent.mkdir(parents=True)
-            path.write_text(json.dumps({"win_rate": v - 5, "length_controlled_winrate": v, "judge": "GPT-4 (x)"}))
+            path.write_text(json.dumps({"win_rate": v - 5, "length_controlled_winrate": v, "judge": "GPT-4 (x)",
+                                        "reference": "llama2-7b-instruction_10ep"}))
     for base, values in RAW.items():
         for seed, v in enumerate(values, start=1):
             path = layout.seed_dir(root, base, "response_10ep", seed) / "alpaca_eval" / GPT4 / layout.RESULT
@@ -49,11 +50,12 @@ def test_tables_layout_mean_std_and_missing(tmp_path):
     write_results(tmp_path)
     cfg = tables_config.get_config()
     cfg.results = str(tmp_path)
-    text = tables.run(cfg)
-    assert (tmp_path / "tables.md").read_text() == text
+    shown = tables.run(cfg)
+    text = (tmp_path / "tables.md").read_text()
+    assert shown == f"{text}\nwrote {tmp_path / 'tables.md'}"
     # every table, its header of base models, and its method rows in the paper's order
     for spec in cfg.tables.values():
-        assert f"### {spec.title}\n\n| | Llama-2-7B | OLMo-7B |\n|---|---|---|\n" in text
+        assert f"### {spec.title}" in text and "\n\n| | Llama-2-7B | OLMo-7B |\n|---|---|---|\n" in text
         block = text.split(f"### {spec.title}")[1].split("###")[0]
         labels = [line.split("|")[1].strip() for line in block.splitlines() if line.startswith("| ") and "---" not in line]
         assert labels[1:] == [label for label, _ in spec.rows]
@@ -68,6 +70,11 @@ def test_tables_layout_mean_std_and_missing(tmp_path):
         f"{rank.mean():.1f} ± {rank.std(ddof=1):.1f} (2/5 seeds)")
     assert row(text, cfg.tables.table3.title, "Chess") == ["–", "–"]
     assert "† raw win rate" in text and "– no results" in text and "Judge: GPT-4 (x)." in text
+    # the footnotes name the real reference, what was read, and why cells are empty
+    assert f"### {t1} (win rate vs `llama2-7b-instruction_10ep`)" in text
+    assert "against `llama2-7b-instruction_10ep`" in text and "Read 12 result files" in text
+    assert f"no {tmp_path}/llama2-7b/rules (there: base, instruction_10ep, response_10ep)" in text
+    assert f"no {tmp_path}/llama2-7b/base/seed1/alpaca_eval/{GPT4} (there: local-smollm2)" in text
 
 
 def test_tables_command_line(tmp_path):

@@ -321,7 +321,7 @@ def ranking_cfg(model_dir, data_dir, results):
 
     cfg = ranking_config.get_config()
     cfg.model.path, cfg.data = str(model_dir), str(data_dir / "dolly" / "dolly_train.json")
-    cfg.n, cfg.k, cfg.seed, cfg.batch_tokens = 3, 1, 0, 256
+    cfg.n, cfg.k, cfg.run.seed, cfg.batch_tokens = 3, 1, 0, 256
     cfg.run.results, cfg.run.base, cfg.run.method = str(results), "tiny", "base"
     return cfg
 

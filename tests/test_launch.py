@@ -93,9 +93,33 @@ def test_launch_bad_arguments():
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "first command argument must be --config=" in proc.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    proc = subprocess.run([str(ROOT / "launch" / "slurm.sbatch"), "--dry-run", *TRAIN], capture_output=True,
+    proc = subprocess.run([str(ROOT / "launch" / "slurm.sbatch"), *TRAIN], capture_output=True,
                           text=True, cwd=ROOT, env=env)
     assert proc.returncode == 2 and "not inside a SLURM allocation" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["gpu_host.sh", "tpu_pod.sh", "slurm.sbatch"])
+def test_launch_help_and_dry_runs_that_check_the_command_here(script):
+    shown = subprocess.run([str(ROOT / "launch" / script), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert shown.returncode == 0 and f"launch/{script}" in shown.stdout
+    assert not any(line.startswith("#") for line in shown.stdout.splitlines())
+    where = ["--name=n", "--zone=z"] if script == "tpu_pod.sh" else []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # also outside an allocation
+    for args, message in [
+        (["--config=configs/train/paper.py:llama2_7b,respnse"], "not understood: ['respnse']"),
+        (["--config=configs/train/paper.py:llama2_7b,response", "--config.train.epoch=3"],
+         "unknown setting 'train.epoch'; close matches: train.epochs"),
+        (["--config=configs/train/paper.py:llama2_7b,response", "--config.optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+        (["--module=jax_implicit.generate", "--config=configs/generate.py", "--config.decode.max_new_token=9"],
+         "close matches: decode.max_new_tokens"),
+    ]:
+        proc = subprocess.run([str(ROOT / "launch" / script), *where, "--dry-run", *args], capture_output=True,
+                              text=True, cwd=ROOT, env=env)
+        assert proc.returncode == 2 and message in proc.stderr and not proc.stdout, (args, proc.stderr)
+        assert "nothing was run" in proc.stderr
+    ok = subprocess.run([str(ROOT / "launch" / script), *where, "--dry-run", "--skip-setup", *TRAIN],
+                        capture_output=True, text=True, cwd=ROOT, env=env)
+    assert ok.returncode == 0 and "jax_implicit.train" in ok.stdout, ok.stderr
 
 
 def test_cluster_from_environment():

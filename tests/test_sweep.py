@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from configs.eval import tables as tables_config
-from jax_implicit import io, sweep, train
+from jax_implicit import cli, io, sweep
 from jax_implicit.evaluate import layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +22,7 @@ def flags(step: sweep.Step) -> dict[str, str]:
 def test_paper_sweep_plan(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg = io.load_config_file(ROOT / "configs" / "sweep.py", "llama2_7b")
+    cfg.allow_local_judge = True
     steps = sweep.plan(cfg)
     trains = [s for s in steps if s.module == "jax_implicit.train"]
     assert len(trains) == 7 * 5 * 5  # every task x epochs x seed, once
@@ -31,7 +32,7 @@ def test_paper_sweep_plan(monkeypatch):
     for step in steps:
         spec = step.args[0].removeprefix("--config=")
         path, _, arg = spec.partition(":")
-        keys = set(train._flat_keys(io.load_config_file(ROOT / path, arg or None)))
+        keys = set(cli.flat(io.load_config_file(ROOT / path, arg or None)))
         assert set(flags(step)) <= keys, (step.module, set(flags(step)) - keys)
 
     # every input is a product of an earlier step, or the base model
@@ -66,7 +67,7 @@ def test_paper_sweep_plan(monkeypatch):
 
 def test_sweep_settings_are_checked():
     cfg = io.load_config_file(ROOT / "configs" / "sweep.py", "olmo_7b")
-    cfg.tasks = ("response",)
+    cfg.tasks, cfg.allow_local_judge = ("response",), True
     with pytest.raises(ValueError, match="keep 'instruction' in sweep.tasks"):
         sweep.plan(cfg)
     cfg.tasks, cfg.epochs = ("instruction",), (3,)
@@ -86,7 +87,8 @@ def test_small_sweep_runs_and_resumes(tiny_long_context, data_dir, tmp_path, mon
     cfg = io.load_config_file(ROOT / "configs" / "sweep.py", "llama2_7b")
     cfg.update(model_path=str(tiny_long_context), tasks=("instruction",), epochs=(5,), reference_epochs=5, seeds=(1,),
                rules=(), eval_sets=("val",), ranking_data=str(data / "dolly/dolly_train.json"),
-               judge_model=str(tiny_long_context), runs=str(tmp_path / "runs"), results=str(tmp_path / "results"))
+               judge_model=str(tiny_long_context), runs=str(tmp_path / "runs"), results=str(tmp_path / "results"),
+               allow_local_judge=True)
     cfg.extra.update(
         train=f"--config.data.path={data}/lima/lima_data.jsonl --config.data.limit=4 --config.data.max_seq_length=64 "
               "--config.data.bucket_min=64 --config.train.global_batch=4 --config.train.micro_batch=4 "
@@ -108,3 +110,14 @@ def test_small_sweep_runs_and_resumes(tiny_long_context, data_dir, tmp_path, mon
     for row in ("Base model", "Instruction tuning"):
         assert next(line for line in t2.splitlines() if line.startswith(f"| {row} |")).split("|")[2].strip() != "–"
     assert sweep.run(cfg) == []  # everything is done: a second run resumes to nothing
+    # the same folders with another setting (a pilot with another learning rate) stop before anything runs
+    cfg.extra.train += " --config.optim.lr=1e-3"
+    with pytest.raises(ValueError, match=r"seed1/hf/config.json exists but was made by another command"):
+        sweep.run(cfg)
+
+
+def test_the_paper_grid_refuses_the_local_judge_unless_asked(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = io.load_config_file(ROOT / "configs" / "sweep.py", "olmo_7b")
+    with pytest.raises(ValueError, match=r"resolves to the local judge \(no OPENAI_API_KEY is set\).*allow_local_judge"):
+        sweep.run(cfg)

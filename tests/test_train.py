@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from jax_implicit import checkpoint, convert, data, train
+from jax_implicit import checkpoint, cli, convert, data, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs/train/smollm2_cpu.py"
@@ -37,7 +37,7 @@ ONE_DEVICE = jax.devices()[:1]  # these runs are about the loop; tests/test_trai
 
 
 def tiny_config(model_dir, data_dir, out_dir, **changes):
-    cfg = train._load_config_file(f"{CPU_CONFIG}:response")
+    cfg = cli.load(f"{CPU_CONFIG}:response")
     for key, value in {**overrides(model_dir, data_dir, out_dir), **changes}.items():
         section, name = key.split(".")
         cfg[section][name] = value
@@ -65,6 +65,24 @@ def test_loss_goes_down_and_outputs_exist(reference):
     hf = AutoModelForCausalLM.from_pretrained(reference.hf_dir, dtype=torch.float32)  # the export loads in HF
     assert hf.config.num_hidden_layers == 2
     assert sorted(p.name for p in (reference.out_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["11", "12"]
+
+
+def test_export_carries_the_training_format_as_its_chat_template(reference, tiny_smol_dir):
+    """SmolLM2's own ChatML template is replaced by the <|user|> format the model was trained on."""
+    from transformers import AutoTokenizer
+
+    from jax_implicit import prompts
+
+    tok = AutoTokenizer.from_pretrained(reference.hf_dir)
+    assert "<|im_start|>" in AutoTokenizer.from_pretrained(tiny_smol_dir).chat_template
+    question = " Name three colours.\n"  # the evaluation prompt keeps the instruction as given
+    assert tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                   add_generation_prompt=True) == prompts.generation_prompt(question)
+    chat = [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Hello! "}]
+    training_text = data.render(chat, "user_assistant", tok.eos_token).strip()
+    assert tok.apply_chat_template(chat, tokenize=False) == training_text == "<|user|>\nHi\n<|assistant|>\nHello!" + tok.eos_token
+    ids = tok.apply_chat_template(chat, tokenize=True, return_dict=False)
+    assert list(ids) == list(data.encode(chat, tok, "user_assistant", 64)[0])
 
 
 def test_loss_and_accumulation_match_transformers(tiny_smol_dir):
@@ -204,7 +222,7 @@ class CompileEvents:
 
 @pytest.mark.parametrize("change,message", [
     ({"data.name": "lima2"}, "unknown dataset 'lima2'"),
-    ({"optim.lrr": 1e-5}, r"unknown config key 'optim.lrr'; close matches: optim.lr"),
+    ({"optim.lrr": 1e-5}, r"unknown setting 'optim.lrr'; close matches: optim.lr"),
     ({"data.max_seq_length": 6}, "none of its 8 examples keeps a response token"),
     ({"data.path": "NOT_JSON"}, r"not JSON Lines: line 1"),
 ])
@@ -229,27 +247,20 @@ def test_bad_input_fails_before_any_compilation(tiny_smol_dir, data_dir, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_command_line_unknown_override_lists_close_matches():
-    with pytest.raises(train.ConfigError, match=r"'train.epoch'; close matches: train.epochs"):
-        train._check_overrides([f"--config={CPU_CONFIG}:response", "--config.train.epoch=3"])
-    with pytest.raises(SystemExit, match="unknown config key 'optim.warmup'"):
-        train._parse_flags(["train", f"--config={CPU_CONFIG}", "--config.optim.warmup=0.1"])
-
-
 def test_paper_configs_cover_every_experiment():
     seen = set()
     for model in ("llama2_7b", "olmo_7b"):
         for task in ("instruction", "response", *data.SINGLE_TASK):
             lima = ("rephrased",) if task in ("instruction", "response") else ()
             for extra in ("5", "7", "10", "15", "20", "seed5", "ab", "authors_schedule", *lima):
-                cfg = train._load_config_file(f"{ROOT}/configs/train/paper.py:{model},{task},{extra}")
+                cfg = cli.load(f"{ROOT}/configs/train/paper.py:{model},{task},{extra}")
                 train.check_config(cfg)
                 seen.add(cfg.train.out_dir)
     assert len(seen) > 100
-    cfg = train._load_config_file(f"{ROOT}/configs/train/paper.py:olmo_7b,response,15,seed3,ab")
+    cfg = cli.load(f"{ROOT}/configs/train/paper.py:olmo_7b,response,15,seed3,ab")
     assert (cfg.optim.lr, cfg.train.epochs, cfg.train.seed, cfg.data.tag_set, cfg.data.mode) == \
         (3e-6, 15, 3, "AB", "response")
     with pytest.raises(ValueError, match="not understood: \\['respnse'\\]"):
-        train._load_config_file(f"{ROOT}/configs/train/paper.py:llama2_7b,respnse")
+        cli.load(f"{ROOT}/configs/train/paper.py:llama2_7b,respnse")
     with pytest.raises(ValueError, match="rephrased"):
-        train._load_config_file(f"{ROOT}/configs/train/paper.py:llama2_7b,gsm8k,rephrased")
+        cli.load(f"{ROOT}/configs/train/paper.py:llama2_7b,gsm8k,rephrased")

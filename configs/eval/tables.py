@@ -22,17 +22,17 @@ def get_config(epochs: str = "10") -> ConfigDict:
     cfg.seeds = 5  # seeds per cell in the paper; cells with fewer say so
     cfg.columns = (("Llama-2-7B", "llama2-7b"), ("OLMo-7B", "olmo-7b"))
     cfg.tables = ConfigDict(dict(
-        table1=dict(title="Table 1: response tuning vs instruction tuning (win rate vs the instruction-tuned model)",
+        table1=dict(title="Table 1: response tuning vs instruction tuning",
                     kind="head_to_head", rows=(("Base model", "base"), ("Response tuning", method("response", e)))),
         table2=dict(title="Table 2: response ranking capability (%)", kind="ranking",
                     rows=(("Base model", "base"), ("Instruction tuning", method("instruction", e)),
                           ("Response tuning", method("response", e)))),
-        table3=dict(title="Table 3: single-task finetuning (win rate vs the instruction-tuned model)",
+        table3=dict(title="Table 3: single-task finetuning",
                     kind="head_to_head",
                     rows=tuple((label, method(task, e)) for label, task in (
                         ("GSM", "gsm8k"), ("MBPP", "mbpp"), ("Poetry", "poetry"), ("Recipes", "recipes"),
                         ("Chess", "chess")))),
-        table4=dict(title="Table 4: rule-based adapter and one-rule ablations (win rate vs the instruction-tuned model)",
+        table4=dict(title="Table 4: rule-based adapter and one-rule ablations",
                     kind="head_to_head",
                     rows=(("Base model", "base"), ("Base + rules", "rules"), ("- EOS rule", "rules_no_eos"),
                           ("- uniform token changes", "rules_no_uniform"), ("- diversity rule", "rules_no_diversity"))),

@@ -20,7 +20,6 @@ SINGLE_TASK = ("gsm8k", "mbpp", "poetry", "recipes", "chess")
 EPOCHS = (5, 7, 10, 15, 20)
 SEEDS = tuple(f"seed{i}" for i in range(1, 6))
 FLAGS = ("ab", "rephrased", "authors_schedule")
-REPHRASED_LIMA = "data/lima/lima_rephrased.jsonl"  # implicit-ins new_lima/lima_rephrased.jsonl
 
 
 def get_config(spec: str = "llama2_7b,response,10,seed1"):
@@ -43,7 +42,7 @@ def get_config(spec: str = "llama2_7b,response,10,seed1"):
     cfg = train.default_config()
     cfg.model.update(path=path, param_dtype="float32", dtype="bfloat16")
     if task in LIMA_MODES:
-        cfg.data.update(name="lima", mode=task, path=REPHRASED_LIMA if "rephrased" in parts else "")
+        cfg.data.update(name="lima", mode=task, path="lima_rephrased" if "rephrased" in parts else "")
     else:
         cfg.data.update(name=task, mode="single_task")
     cfg.data.update(tag_set="AB" if "ab" in parts else "user_assistant", max_seq_length=2048, bucket_min=256)

@@ -3,7 +3,7 @@
     python -m jax_implicit.train --config=configs/train/smollm2_cpu.py:response
     python -m jax_implicit.train --config=configs/train/smollm2_cpu.py:instruction --config.train.epochs=2
 
-LIMA is read from the local copy (data/lima) instead of the gated GAIR/lima id.
+LIMA is read from the copy shipped in data/lima (the default source of the dataset name `lima`).
 """
 
 from jax_implicit import train
@@ -11,7 +11,7 @@ from jax_implicit import train
 
 def get_config(mode: str = "response"):
     cfg = train.default_config()
-    cfg.data.update(name="lima", path="data/lima/lima_data.jsonl", mode=mode, max_seq_length=128,
+    cfg.data.update(name="lima", mode=mode, max_seq_length=128,
                     limit=128, bucket_min=64)
     cfg.optim.update(lr=3e-5, schedule="cosine", warmup_ratio=0.1)
     cfg.train.update(epochs=1, global_batch=16, micro_batch=4, seed=1, checkpoint_every=8, max_to_keep=2,

@@ -25,6 +25,8 @@ from jax_implicit.evaluate import layout
 GPT4 = "weighted_alpaca_eval_gpt4_turbo"
 ALPACA_EVAL_SIZE = 805
 JUDGES = ("auto", "gpt4", "local")
+# Other `dataset` values that rows of an evaluation set carry: the hub's AlpacaEval subsets, the authors' val file.
+EVAL_SET_ALIASES = {"alpaca_eval": ("helpful_base", "koala", "oasst", "selfinstruct", "vicuna"), "val": ("val_eval",)}
 
 
 def has_openai_key() -> bool:
@@ -125,12 +127,22 @@ def _check_same_instructions(a: list[dict], b: list[dict], a_name: str, b_name: 
                              f"{rows[missing[0]]['instruction'][:80]!r}")
 
 
+def _check_dataset(rows: list[dict], eval_set: str, name: str) -> None:
+    """Outputs must answer the evaluation set their results are filed under (rows without `dataset` pass)."""
+    allowed = {eval_set, *EVAL_SET_ALIASES.get(eval_set, ())}
+    for i, row in enumerate(rows):
+        if row.get("dataset", eval_set) not in allowed:
+            raise ValueError(f"{name}, row {i}: dataset {row['dataset']!r} is not the evaluation set "
+                             f"eval_set={eval_set!r}; set --config.eval_set to the set these outputs answer")
+
+
 def run(cfg) -> dict:
     kind = judge_kind(cfg.judge.kind)
     if cfg.max_instances < 0:
         raise ValueError(f"max_instances={cfg.max_instances}; use 0 for all instructions")
     outputs = io.read_rows(cfg.outputs, ("instruction", "output"), "outputs file")
     references = io.read_rows(cfg.references, ("instruction", "output"), "references file")
+    _check_dataset(outputs, cfg.eval_set, cfg.outputs)
     _check_same_instructions(outputs, references, cfg.outputs, cfg.references)
     by_instruction = {r["instruction"]: r for r in references}
     references = [by_instruction[r["instruction"]] for r in outputs]  # same order: max_instances takes the same rows
@@ -179,6 +191,6 @@ def report(result: dict, out: Path) -> str:
 
 
 if __name__ == "__main__":
-    from jax_implicit.evaluate import cli
+    from jax_implicit import cli
 
     cli.main(run, "configs/eval/alpaca.py")

@@ -12,24 +12,25 @@ prompt + response + EOS in one string, with the first len(tokenize(prompt)) toke
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from jax_implicit import convert, io, partial, prompts, runlock
+from jax_implicit import convert, datasets, io, partial, prompts, runlock
 from jax_implicit.evaluate import layout, scoring
 
 
-def load_examples(source: str, n: int) -> list[dict]:
-    """The first `n` rows with `instruction`, `output` (and optional `input`): a local JSON/JSONL file or a dataset id."""
-    if Path(source).exists() or Path(source).suffix in (".json", ".jsonl"):
-        rows = io.read_rows(source, ("instruction", "output"), "ranking data")[:n]
+def load_examples(spec: str, n: int) -> list[dict]:
+    """The first `n` rows with `instruction`, `output` (and optional `input`): a dataset name (`dolly`), a
+    JSON/JSONL file or a hub id (`tatsu-lab/alpaca`)."""
+    source = datasets.resolve(spec, flag="--config.data")
+    if source.path is not None:
+        rows = io.read_rows(source.path, ("instruction", "output"), "ranking data")[:n]
     else:
-        import datasets
-
-        rows = [dict(r) for r in datasets.load_dataset(source, split=f"train[:{n}]")]
+        rows = datasets.hub_rows(dataclasses.replace(source, split=f"{source.split}[:{n}]"))
         if not rows or "instruction" not in rows[0] or "output" not in rows[0]:
-            raise ValueError(f"dataset {source!r} has no rows with 'instruction' and 'output'")
+            raise ValueError(f"dataset {spec!r} has no rows with 'instruction' and 'output'")
     for i, row in enumerate(rows):
         if not isinstance(row.get("input", ""), str):
             raise ValueError(f"ranking data {source}, row {i}: key 'input' is not a string")
@@ -94,17 +95,17 @@ def run(cfg) -> dict:
         keep = partial.Partial(partial.path_for(out), dict(model=cfg.model.to_dict(), batch_tokens=cfg.batch_tokens,
                                                            weights=partial.stamp(convert.model_dir(cfg.model.path))))
         decoder, tokenizer = scoring.load(cfg.model, cfg.mesh if cfg.sharded else None)
-        result = rank(decoder, tokenizer, rows, k=cfg.k, seed=cfg.seed, tag_set=cfg.tag_set,
+        result = rank(decoder, tokenizer, rows, k=cfg.k, seed=cfg.run.seed, tag_set=cfg.tag_set,
                       max_seq_length=cfg.max_seq_length, batch_tokens=cfg.batch_tokens, keep=keep)
         result.update(model=str(cfg.model.path), data=str(cfg.data))
         io.write_json(out, result)
         keep.finish()
     print(f"response ranking capability of {cfg.model.path}: {result['fraction']:.4f} "
-          f"({result['n_examples']} examples x {cfg.k} random responses, seed {cfg.seed}) -> {out}")
+          f"({result['n_examples']} examples x {cfg.k} random responses, seed {cfg.run.seed}) -> {out}")
     return result
 
 
 if __name__ == "__main__":
-    from jax_implicit.evaluate import cli
+    from jax_implicit import cli
 
     cli.main(run, "configs/eval/ranking.py")

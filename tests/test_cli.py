@@ -1,0 +1,95 @@
+"""Every command's command line: --help lists its settings with their defaults, and a misspelled setting, a
+value of the wrong type or a stray argument is one line on stderr with exit status 2, never a traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ml_collections import ConfigDict
+
+from jax_implicit import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# command -> (arguments that pick a config, a setting --help must list with its default, a misspelling of a key
+# and the close match the error must name)
+COMMANDS = {
+    "train": ("--config=configs/train/smollm2_cpu.py", "--config.optim.lr=3e-05", "optim.lrr", "optim.lr"),
+    "generate": ("", "--config.decode.max_new_tokens=512", "decode.max_new_token", "decode.max_new_tokens"),
+    "demo": ("", "--config.tune.examples=64", "tune.exampels", "tune.examples"),
+    "sweep": ("", "--config.seeds=(1, 2, 3, 4, 5)", "seed", "seeds"),
+    "plan": ("--config=configs/plan.py:olmo_7b", "--config.model.path='allenai/OLMo-7B-hf'", "hardwar", "hardware"),
+    "evaluate.alpaca": ("", "--config.judge.kind='auto'", "judge.knd", "judge.kind"),
+    "evaluate.ranking": ("", "--config.k=5", "kk", "k"),
+    "evaluate.similarity": ("", "--config.lima='lima'", "lmia", "lima"),
+    "evaluate.tables": ("", "--config.eval_set='alpaca_eval'", "eval_st", "eval_set"),
+}
+
+
+def command(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", f"jax_implicit.{name}", *[a for a in args if a]], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_and_a_misspelled_setting(name):
+    config, listed, typo, close = COMMANDS[name]
+    shown = command(name, config, "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert f"usage: python -m jax_implicit.{name}" in shown.stdout and listed in shown.stdout
+    wrong = command(name, config, f"--config.{typo}=1")
+    assert wrong.returncode == 2 and wrong.stdout == ""
+    assert wrong.stderr.count("\n") == 1 and "Traceback" not in wrong.stderr
+    assert f"jax_implicit.{name}: error: unknown setting '{typo}'" in wrong.stderr and close in wrong.stderr
+
+
+def test_wrong_type_stray_argument_and_bad_config_argument():
+    for args, message in [
+        (("--config.decode.batch_size=sixteen",), "--config.decode.batch_size='sixteen': expected int (default 16)"),
+        (("--config.use_rules=maybe",), "--config.use_rules='maybe': expected bool"),
+        (("val",), "unexpected argument 'val'; settings go in --config.KEY=VALUE"),
+        (("--config=configs/generate.py:no_eso",), "unknown variant 'no_eso'"),
+        (("--config=configs/nope.py",), "config file configs/nope.py does not exist"),
+        (("--config.decode=1",), "--config.decode is a section"),
+    ]:
+        out = command("generate", *args)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, (args, out.stderr)
+
+
+def test_a_command_without_a_default_config_lists_the_config_files():
+    out = command("train", "--help")
+    assert out.returncode == 0 and "configs/train/paper.py" in out.stdout
+    out = command("train")
+    assert out.returncode == 2 and "give a config" in out.stderr
+
+
+def test_values_parse_as_their_defaults_types():
+    cfg = ConfigDict(dict(a=1, b=0.5, c=True, d="x", e=(1, 2), f=("p",), g=None, s=dict(t=3)))
+    cli.apply_overrides(cfg, [("a", "7"), ("b", "1e-5"), ("c", "false"), ("d", "12"), ("e", "3,4"), ("f", "q, r"),
+                              ("g", "0.25"), ("s.t", "9")])
+    assert cfg.to_dict() == dict(a=7, b=1e-5, c=False, d="12", e=(3, 4), f=("q", "r"), g=0.25, s=dict(t=9))
+    with pytest.raises(cli.UsageError, match=r"^unknown setting 's.u'; close matches: s.t$"):
+        cli.apply_overrides(cfg, [("s.u", "1")])
+
+
+def test_help_descriptions_come_from_the_comments_beside_the_values():
+    about = cli.descriptions(ROOT / "configs" / "demo.py")
+    assert about("ranking.k") == "random other responses per row"
+    assert about("model.dtype").startswith("compute dtype")  # from config.model(), a function of another module
+    assert about("tune.epochs") == ""  # no comment beside it
+
+
+def test_each_decoding_variant_has_its_own_label_and_file():
+    from jax_implicit import generate, io
+
+    named = {}
+    for variant in ("", "no_eos", "no_uniform", "no_diversity", "no_rules"):
+        cfg = io.load_config_file(ROOT / "configs" / "generate.py", variant)
+        cfg.data.instructions = "alpaca_eval"
+        named[variant] = generate.names(cfg)
+    assert named[""] == ("smollm2-135m-instruct-rules", Path("outputs/generate/smollm2-135m-instruct-rules-alpaca_eval.json"))
+    assert named["no_eos"][0] == "smollm2-135m-instruct-rules-no_eos" and named["no_rules"][0].endswith("-greedy")
+    assert len({g for g, _ in named.values()}) == len({p for _, p in named.values()}) == 5
