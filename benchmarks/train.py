@@ -77,7 +77,7 @@ def jax_step(path, tokens: np.ndarray, variant: str = "full"):
         nonlocal state, accum
         accum, loss = micro_step(state["params"], accum, inputs, frozen)
         float(loss)  # the loop reads the loss every step
-        state, accum = apply_step(state, accum)
+        state, accum, _ = apply_step(state, accum)
         jax.block_until_ready(state)
 
     step()  # compile

@@ -2,8 +2,11 @@
 position in the data order, so that a restarted run continues bit for bit where the last one stopped.
 
 Orbax writes each step into a temporary folder renamed into place when complete, so a killed save
-leaves no step behind. A step that is on disk but unreadable (truncated or corrupted files) is
-skipped with a warning and the one before it is restored.
+leaves no step behind. Orbax checksums only its shard indexes, not the array data, so each save also
+records a fingerprint of every array (`fingerprint`); a restore recomputes it and checks that every
+float is finite. A step that is unreadable, altered on disk or non-finite is moved aside into
+`<directory>.damaged/` (kept for inspection, out of orbax's sight) with a one-line warning, and the one
+before it is restored; the run then saves that step afresh when it reaches it again.
 
 Sharded states save and restore as they are: each array is written from its shards and read back
 straight into the shardings of the restore target (any mesh, not necessarily the one that saved it).
@@ -13,12 +16,75 @@ global arrays; orbax coordinates the writes, so the directory must be one that a
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+DAMAGED = ".damaged"  # suffix of the folder beside the checkpoints that damaged steps are moved into
+
+
+class CheckpointError(RuntimeError):
+    """A state that must not be saved, or a checkpoint folder with no usable step."""
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """The raw bits of an array as uint32 (one element per 1-, 2- or 4-byte value, two per 8-byte value)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size >= 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """Two position-weighted sums of the bits, modulo 2**32, with odd weights.
+
+    Any single flipped bit changes both sums (an odd weight times a power of two below 2**32 is never
+    0 mod 2**32); other damage escapes with probability ~2**-64. Integer addition wraps, so the sums do
+    not depend on reduction order, mesh or sharding, and the positions come from iotas rather than a
+    flattening reshape, so a sharded array is never gathered.
+    """
+    bits = _bits(x)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    for d in range(bits.ndim):
+        stride = int(np.prod(bits.shape[d + 1:], dtype=np.uint64) % 2**32)
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * jnp.uint32(stride)
+    w1 = index * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
+    w2 = (index ^ (index >> 15)) * jnp.uint32(0x85EBCA6B) | jnp.uint32(1)
+    return jnp.stack([jnp.sum(bits * w1, dtype=jnp.uint32), jnp.sum(bits * w2, dtype=jnp.uint32)])
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """A scalar bool: every float of `tree` is finite (traceable; integer leaves always are)."""
+    floats = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(floats)) if floats else jnp.bool_(True)
+
+
+@jax.jit
+def _fingerprints(state: Any) -> tuple[Any, jax.Array]:
+    return jax.tree.map(_leaf_fingerprint, state), all_finite(state)
+
+
+def fingerprint(state: Any) -> tuple[dict[str, str], list[str]]:
+    """Per leaf (by its tree path), a 64-bit fingerprint of the raw bits as hex; and the paths of the
+    leaves holding a non-finite value (empty when all are finite). Computed on the device(s)."""
+    sums, finite = jax.device_get(_fingerprints(state))
+    prints = {jax.tree_util.keystr(path): f"{int(a):08x}{int(b):08x}"
+              for path, (a, b) in jax.tree_util.tree_leaves_with_path(sums)}
+    bad = [] if finite else [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state)
+                             if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(x)))]
+    return prints, bad
 
 
 class Checkpoints:
@@ -29,37 +95,76 @@ class Checkpoints:
             raise ValueError(f"checkpoint every={every} and max_to_keep={max_to_keep} must be >= 1")
         self.directory = Path(directory).absolute()
         self.every = every
+        # temporary folders of a killed save are removed at start: safe because one run holds the folder
+        # (runlock) and orbax names them by step
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-        """Saves asynchronously (device arrays are copied before this returns, so donating them is safe)."""
+        """Saves asynchronously (device arrays are copied before this returns, so donating them is safe),
+        with the fingerprint of every array. A state holding a non-finite value is never saved."""
         if step in self.manager.all_steps() or not (force or step % self.every == 0):
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        prints, bad = fingerprint(state)
+        if bad:
+            raise CheckpointError(f"the state at step {step} holds non-finite values in {', '.join(bad[:4])}; "
+                                  f"not saved (the checkpoints in {self.directory} stay as they were)")
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                                  integrity=ocp.args.JsonSave({"fingerprint": prints}))
         return self.manager.save(step, args=args, force=True)
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-        """The newest readable checkpoint as (state, meta), or None when there is none.
+        """The newest intact checkpoint as (state, meta), or None when there is none.
 
         `abstract_state` holds `jax.ShapeDtypeStruct`s (with shardings) shaped like the saved state.
         """
         self.manager.wait_until_finished()
         steps = sorted(self.manager.all_steps(), reverse=True)
+        with _quiet_closed_loops():
+            found = self._restore_first(steps, abstract_state)
+        if found is None and steps:
+            raise CheckpointError(f"no checkpoint in {self.directory} is intact (steps {steps} were moved to "
+                                  f"{self.directory}{DAMAGED}); move the run folder away to start afresh")
+        return found
+
+    def _restore_first(self, steps: list[int], abstract_state: Any) -> tuple[Any, dict] | None:
         for step in steps:
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+            # saved before fingerprints existed: restored with shapes and finiteness checked, and a warning
+            legacy = not (self.directory / str(step) / "integrity").exists()
+            items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
             try:
-                restored = self.manager.restore(step, args=args)
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    **items, **({} if legacy else dict(integrity=ocp.args.JsonRestore()))))
                 _check_like(restored.state, abstract_state)
-            except Exception as e:  # noqa: BLE001 -- any unreadable step falls back to the one before
-                warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable "
-                              f"({type(e).__name__}: {str(e)[:300]}); trying the previous one", stacklevel=2)
+                _verify(restored.state, None if legacy else restored.integrity)
+            except Exception as e:  # noqa: BLE001 -- any unusable step falls back to the one before
+                moved = self._set_aside(step)
+                reason = (str(e).strip().splitlines() or [""])[0]
+                reason = reason if len(reason) <= 200 else f"{reason[:90]} ... {reason[-100:]}"  # cause at the end
+                warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: "
+                              f"{reason}); moved to {moved}; restoring the one before", stacklevel=3)
                 continue
+            if legacy:
+                warnings.warn(f"checkpoint step {step} in {self.directory} was saved without fingerprints (by an "
+                              "older version): restored with only its shapes and finiteness checked", stacklevel=3)
             return restored.state, dict(restored.meta)
-        if steps:
-            raise RuntimeError(f"no checkpoint in {self.directory} is readable (steps {steps}); "
-                               "move the folder away to start afresh")
         return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Move a damaged step out of orbax's folder (not deleted: it may be worth a look)."""
+        aside = self.directory.with_name(self.directory.name + DAMAGED)
+        dest, n = aside / str(step), 1
+        while dest.exists():
+            dest, n = aside / f"{step}-{n}", n + 1
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            shutil.move(str(self.directory / str(step)), dest)
+        if jax.process_count() > 1:
+            from orbax.checkpoint import multihost
+
+            multihost.sync_global_devices(f"checkpoint_set_aside_{step}")
+        self.manager.reload()
+        return dest
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -67,6 +172,25 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_closed_loops():
+    """While a damaged step fails to read, tensorstore's reads of its other arrays still finish and call back
+    into orbax's event loop, already closed: each prints an unraisable `RuntimeError: Event loop is closed`
+    traceback that buries the one-line warning. Only those are dropped."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def _check_like(state: Any, abstract_state: Any) -> None:
@@ -77,3 +201,17 @@ def _check_like(state: Any, abstract_state: Any) -> None:
     for g, w in zip(got, want):
         if g.shape != w.shape or g.dtype != w.dtype:
             raise ValueError(f"restored array {g.shape} {g.dtype}, expected {w.shape} {w.dtype}")
+
+
+def _verify(state: Any, integrity: dict | None) -> None:
+    """The restored arrays must be finite and carry the fingerprints recorded when they were saved
+    (`integrity` None: a checkpoint from before fingerprints, checked for finiteness only)."""
+    recorded = integrity.get("fingerprint") if isinstance(integrity, dict) else None
+    if integrity is not None and not isinstance(recorded, dict):
+        raise ValueError("its record of fingerprints is damaged")
+    prints, bad = fingerprint(state)
+    changed = sorted(k for k in prints if recorded is not None and recorded.get(k) != prints[k])
+    if changed:
+        raise ValueError(f"{len(changed)} array(s) differ from what was saved: {', '.join(changed[:3])}")
+    if bad:
+        raise ValueError(f"non-finite values in {', '.join(bad[:3])}")

@@ -173,6 +173,8 @@ def load_hf(path: str | Path, *, param_dtype: str = "float32", dtype: str = "flo
         def tensor(i: int, names=names, to_ours=to_ours, read=read) -> np.ndarray:
             if i not in read:
                 read[i] = np.asarray(to_ours(reader.read(names[i])), dtype=target)
+                if not np.isfinite(read[i]).all():  # NaN weights would decode to empty strings, silently
+                    raise ValueError(f"{path}: tensor {names[i]} holds non-finite values")
             return read[i]
 
         def fetch(index, stacked=stacked, tensor=tensor, n=len(names)):
@@ -352,6 +354,29 @@ def ensure_gemma3_270m(checkpoints: str | Path = "checkpoints") -> Path:
         with tempfile.TemporaryDirectory(prefix=".gemma-gguf-", dir=out.parent) as tmp:
             gguf_to_hf(chunks.assemble(Path(tmp) / chunks.MODEL_NAME), out)
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def load_tokenizer(path: str | Path):
+    """`AutoTokenizer.from_pretrained`, with a folder that holds no tokenizer named as such (transformers
+    would report something unrelated)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                                "set model.tokenizer to a folder that does")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def remove_stale_tmp(out: str | Path) -> None:
+    """Remove the temporary siblings a killed `atomic_dir(out)` left behind. Only for a caller that holds
+    the folder's lock (runlock): another live writer's temporary folder would look the same."""
+    out = Path(out)
+    for p in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def model_dir(path: str | Path) -> Path:

@@ -307,27 +307,36 @@ class Examples:
     ids: list[np.ndarray]
     loss: list[np.ndarray]
     dropped: int  # examples with no loss token left after truncation
+    names: list[str] = dataclasses.field(default_factory=list)  # each example's row id, for messages
 
     @property
     def lengths(self) -> np.ndarray:
         return np.array([len(x) for x in self.ids], np.int64)
 
 
-def tokenize(rows: list[dict], tokenizer, tag_set: str, max_len: int, name: str = "",
-             chat_format: str = "paper") -> Examples:
-    ids, loss, dropped = [], [], 0
-    for row in rows:
+def tokenize(rows: list[dict], tokenizer, tag_set: str, max_len: int, name: str = "", vocab_size: int = 0,
+             source: str = "", chat_format: str = "paper") -> Examples:
+    """`rows` as token ids and loss masks in `chat_format`; with `vocab_size`, every id must index the model's
+    embedding (a tokenizer with added tokens can make ids the model has no row for: NaN loss, or silent garbage)."""
+    ids, loss, names, dropped = [], [], [], 0
+    for k, row in enumerate(rows):
         i, m = (encode_rt(row["messages"], tokenizer, max_len) if chat_format == "rt"
                 else encode(row["messages"], tokenizer, tag_set, max_len))
+        if vocab_size and len(i) and (i.max() >= vocab_size or i.min() < 0):
+            bad = int(i[(i >= vocab_size) | (i < 0)][0])
+            raise DataError(f"{source or name} row {k} (id {row.get('id')!r}): token id {bad} "
+                            f"({tokenizer.convert_ids_to_tokens(bad)!r}) is outside the model's vocabulary of "
+                            f"{vocab_size}")
         if m[1:].any():  # the first token is never a target
             ids.append(i)
             loss.append(m)
+            names.append(str(row.get("id", k)))
         else:
             dropped += 1
     if not ids:
         raise DataError(f"dataset {name!r}: none of its {len(rows)} examples keeps a response token after "
                         f"truncation to {max_len} tokens")
-    return Examples(ids, loss, dropped)
+    return Examples(ids, loss, dropped, names)
 
 
 # ----------------------------------------------------------------------------- batches

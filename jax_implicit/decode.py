@@ -12,7 +12,7 @@ and batch on a device mesh beforehand.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,17 @@ _generate_jit = jax.jit(_generate, static_argnames=("max_new_tokens",), donate_a
 def _check_new_tokens(max_new_tokens) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+
+def check_settings(max_new_tokens: int, batch_size: int, bucket: int, temperature: float, top_p: float) -> None:
+    """`generate_texts`' settings, checked before any model work (a zero batch or bucket would fail only
+    after the weights load and the first compilations)."""
+    _check_new_tokens(max_new_tokens)
+    for name, value in (("batch_size", batch_size), ("bucket", bucket)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"decode.{name}={value!r} must be a positive integer")
+    if not (temperature >= 0 and 0 < top_p <= 1):  # written so that NaN fails too
+        raise ValueError(f"need decode.temperature >= 0 and 0 < decode.top_p <= 1, got {temperature}, {top_p}")
 
 
 def _check(cfg: M.ModelConfig, prompt_ids, prompt_mask, seen_mask, max_new_tokens, temperature, top_p, key) -> None:
@@ -202,11 +213,15 @@ def sharded_cache(cfg: M.ModelConfig, sharder, rows: int, slots: int) -> M.KVCac
 def generate_texts(decoder: M.Decoder, tokenizer, instructions: Sequence[str], *, max_new_tokens: int,
                    rules: R.RuleTables | None = None, tag_set: str = "user_assistant", batch_size: int = 16,
                    bucket: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                   on_batch: Callable[[int, int], None] | None = None, sharder=None) -> list[str]:
+                   on_batch: Callable[[dict[int, str], int], None] | None = None,
+                   done: Mapping[int, str] | None = None, sharder=None) -> list[str]:
     """Responses to `instructions`, in order. Prompts are sorted by length and batched so padding
-    stays small; `on_batch(rows, new_tokens)` is called after each batch (progress bars). With a
-    `sharding.Sharder` (the decoder already on its mesh) each batch's KV cache is created in its shards."""
+    stays small; `on_batch({index: response}, new_tokens)` is called after each batch (progress bars, keeping
+    finished work). A batch all of whose responses are in `done` (by index) is taken from there, not decoded:
+    a rerun decodes the same batches with the same keys, so its responses are those of an uninterrupted run.
+    With a `sharding.Sharder` (the decoder already on its mesh) each batch's KV cache is created in its shards."""
     cfg = decoder.cfg
+    check_settings(max_new_tokens, batch_size, bucket, temperature, top_p)
     encoded = encode_all(tokenizer, instructions, tag_set, max_new_tokens, cfg.max_position_embeddings)
     eos = eos_ids_for(cfg, tokenizer)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
@@ -215,6 +230,10 @@ def generate_texts(decoder: M.Decoder, tokenizer, instructions: Sequence[str], *
     outputs: list[str] = [""] * len(encoded)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
+        if done is not None and all(k in done for k in chunk):
+            for k in chunk:
+                outputs[k] = done[k]
+            continue
         ids, mask, seen = pad_batch([encoded[k] for k in chunk], min(batch_size, len(order)), bucket, pad_id)
         slots = ids.shape[1] + max_new_tokens - 1
         cache = None if sharder is None else sharded_cache(cfg, sharder, ids.shape[0], slots)
@@ -228,5 +247,5 @@ def generate_texts(decoder: M.Decoder, tokenizer, instructions: Sequence[str], *
                 row = row[:-1]
             outputs[k] = tokenizer.decode(row, skip_special_tokens=True)
         if on_batch is not None:
-            on_batch(len(chunk), int(lengths[:len(chunk)].sum()))
+            on_batch({k: outputs[k] for k in chunk}, int(lengths[:len(chunk)].sum()))
     return outputs

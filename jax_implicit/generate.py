@@ -15,7 +15,7 @@ from pathlib import Path
 from absl import logging
 from ml_collections import ConfigDict
 
-from jax_implicit import datasets, io
+from jax_implicit import datasets, io, partial, runlock
 
 def read_instructions(spec: str, limit: int = 0) -> list[dict]:
     """Rows {instruction, dataset} from a dataset name (`val`, `alpaca_eval`), a JSON/JSONL file or a hub id.
@@ -50,38 +50,45 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
 
     if cfg.use_rules:
         rules.validate(cfg.rules)
+    d = cfg.decode
+    decode.check_settings(d.max_new_tokens, d.batch_size, d.bucket, d.temperature, d.top_p)
     rows = read_instructions(cfg.data.instructions, cfg.data.limit)
     path = convert.model_dir(cfg.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
+    tokenizer = convert.load_tokenizer(cfg.model.tokenizer or path)
     mcfg = model.from_hf_config(path)
-    d = cfg.decode
     try:  # before loading weights: a prompt that does not fit is a config error
         decode.encode_all(tokenizer, [r["instruction"] for r in rows], d.tag_set, d.max_new_tokens,
                           mcfg.max_position_embeddings)
     except ValueError as err:
         raise ValueError(f"{cfg.data.instructions}: {err}") from None
     generator, output = names(cfg)
-    sh = Sharder.from_config(cfg.mesh, devices)
-    decoder = sh.load_hf(path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
-    tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
+    with runlock.hold(runlock.beside(output), f"output {output}"):  # also: the folder is writable, before the model
+        keep = partial.Partial(partial.path_for(output), dict(config=json.loads(cfg.to_json_best_effort()),
+                                                              rows=rows, weights=partial.stamp(path)))
+        sh = Sharder.from_config(cfg.mesh, devices)
+        decoder = sh.load_hf(path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+        tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
 
-    bar = tqdm(total=len(rows), unit="ins", desc=generator)
-    start, produced = time.perf_counter(), 0
+        bar = tqdm(total=len(rows), initial=len(keep.items), unit="ins", desc=generator)
+        start, produced = time.perf_counter(), 0
 
-    def progress(done_rows: int, new_tokens: int) -> None:
-        nonlocal produced
-        produced += new_tokens
-        bar.update(done_rows)
-        bar.set_postfix(tok_per_s=f"{produced / (time.perf_counter() - start):.1f}")
+        def progress(batch: dict[int, str], new_tokens: int) -> None:
+            nonlocal produced
+            if distributed.is_writer():
+                keep.add([str(k) for k in batch], list(batch.values()))
+            produced += new_tokens
+            bar.update(len(batch))
+            bar.set_postfix(tok_per_s=f"{produced / (time.perf_counter() - start):.1f}")
 
-    outputs = decode.generate_texts(
-        decoder, tokenizer, [r["instruction"] for r in rows], max_new_tokens=d.max_new_tokens, rules=tables,
-        tag_set=d.tag_set, batch_size=d.batch_size, bucket=d.bucket, temperature=d.temperature, top_p=d.top_p,
-        seed=d.seed, on_batch=progress, sharder=sh)
-    bar.close()
-    if distributed.is_writer():
-        io.write_atomic(output, json.dumps([{"instruction": r["instruction"], "output": o, "generator": generator,
-                                             "dataset": r["dataset"]} for r, o in zip(rows, outputs)], indent=2))
+        outputs = decode.generate_texts(
+            decoder, tokenizer, [r["instruction"] for r in rows], max_new_tokens=d.max_new_tokens, rules=tables,
+            tag_set=d.tag_set, batch_size=d.batch_size, bucket=d.bucket, temperature=d.temperature, top_p=d.top_p,
+            seed=d.seed, on_batch=progress, done={int(k): v for k, v in keep.items.items()}, sharder=sh)
+        bar.close()
+        if distributed.is_writer():
+            io.write_atomic(output, json.dumps([{"instruction": r["instruction"], "output": o, "generator": generator,
+                                                 "dataset": r["dataset"]} for r, o in zip(rows, outputs)], indent=2))
+            keep.finish()
     logging.info("%d responses, %d tokens, %.1f tokens/s -> %s", len(rows), produced,
                  produced / (time.perf_counter() - start), output)
     return output

@@ -33,7 +33,10 @@ def read_rows(path: str | Path, required: Sequence[str] = (), what: str = "file"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     rows = None if path.suffix == ".jsonl" or not text.strip() else _json_or_lines(text, f"{what} {path}")
     if rows is None:
         rows = []

@@ -35,13 +35,14 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, cli, config, convert, data, distributed, io, lora, memory, prompts
+from jax_implicit import checkpoint, cli, config, convert, data, distributed, io, lora, memory, prompts, runlock
 from jax_implicit import model as M
 from jax_implicit.plan import activation_bytes
 from jax_implicit.sharding import Sharder
 
 log = logging.getLogger("jax_implicit.train")
 REDUCTIONS = ("example", "token")
+NONFINITE = ("stop", "skip")  # what a step whose update is not finite does (it is never applied)
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -50,7 +51,7 @@ class ConfigError(ValueError):
 
 
 class TrainingError(RuntimeError):
-    """The run had to stop (non-finite loss); the last good checkpoint is kept."""
+    """The run had to stop (a non-finite loss or update, not applied); the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -67,10 +68,14 @@ def optim_config(lr: float = 1e-5, schedule: str = "cosine", warmup_ratio: float
 
 def train_config(epochs: int = 10, global_batch: int = 64, micro_batch: int = 8, reduction: str = "example",
                  seed: int = 1, out_dir: str = "checkpoints/runs/default", checkpoint_every: int = 50,
-                 max_to_keep: int = 3, export_hf: bool = True) -> ConfigDict:
+                 max_to_keep: int = 3, export_hf: bool = True, nonfinite: str = "stop",
+                 allow_config_change: bool = False) -> ConfigDict:
+    """`nonfinite`: a step whose loss or update is not finite is never applied; "stop" ends the run there,
+    "skip" leaves the state as it was, counts it and goes on with the next batch. `allow_config_change`:
+    resume a run folder even though settings that change the numbers differ from the ones it started with."""
     return ConfigDict(dict(epochs=epochs, global_batch=global_batch, micro_batch=micro_batch, reduction=reduction,
                            seed=seed, out_dir=out_dir, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
-                           export_hf=export_hf))
+                           export_hf=export_hf, nonfinite=nonfinite, allow_config_change=allow_config_change))
 
 
 def default_config() -> ConfigDict:
@@ -92,8 +97,13 @@ def check_config(cfg: ConfigDict) -> None:
     checks = [
         (t.reduction in REDUCTIONS, f"train.reduction={t.reduction!r}; expected one of {REDUCTIONS}"),
         (o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}; expected one of {SCHEDULES}"),
-        (o.lr > 0 and 0 <= o.warmup_ratio < 1, f"optim.lr={o.lr} must be > 0 and warmup_ratio={o.warmup_ratio} in [0, 1)"),
+        (math.isfinite(o.lr) and o.lr > 0 and 0 <= o.warmup_ratio < 1,
+         f"optim.lr={o.lr} must be finite and > 0 and warmup_ratio={o.warmup_ratio} in [0, 1)"),
+        (t.nonfinite in NONFINITE, f"train.nonfinite={t.nonfinite!r}; expected one of {NONFINITE}"),
         (t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1"),
+        (t.checkpoint_every >= 1 and t.max_to_keep >= 1,
+         f"train.checkpoint_every={t.checkpoint_every} and train.max_to_keep={t.max_to_keep} must be >= 1"),
+        (cfg.data.limit >= 0, f"data.limit={cfg.data.limit} must be >= 0 (0: every example)"),
         (1 <= t.micro_batch <= t.global_batch,
          f"train.micro_batch={t.micro_batch} must be in [1, global_batch={t.global_batch}]"),
         (cfg.data.max_seq_length >= 2, f"data.max_seq_length={cfg.data.max_seq_length} must be >= 2"),
@@ -202,7 +212,8 @@ def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
 
     micro_step(params, accum, batch, frozen) -> (accum + grad, loss): one micro-batch, float32 accumulator;
     `frozen` (LoRA: the base weights) joins `params` in the forward and gets no gradient.
-    apply_step(state, accum) -> (state, zeroed accum): the Adam update.
+    apply_step(state, accum) -> (state, zeroed accum, applied): the Adam update, guarded on the device:
+    when any value of the updated state is not finite the old state is returned and `applied` is False.
     With the train state's shardings (`abstract_state`) and the micro-batch's, every input and output
     is pinned to the mesh (the accumulator is sharded like the parameters); without, jit follows its
     arguments.
@@ -215,14 +226,16 @@ def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
         params = state["params"]
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), accum, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state)
-        return state, jax.tree.map(jnp.zeros_like, accum)
+        new = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state)
+        applied = checkpoint.all_finite(new)
+        state = jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, state)
+        return state, jax.tree.map(jnp.zeros_like, accum), applied
 
     micro_kw, apply_kw = {}, {}
     if state_sh is not None:
         p_sh, scalar = state_sh["params"], jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
         micro_kw = dict(in_shardings=(p_sh, p_sh, batch_sh, frozen_sh or {}), out_shardings=(p_sh, scalar))
-        apply_kw = dict(in_shardings=(state_sh, p_sh), out_shardings=(state_sh, p_sh))
+        apply_kw = dict(in_shardings=(state_sh, p_sh), out_shardings=(state_sh, p_sh, scalar))
     return jax.jit(micro, donate_argnums=(1,), **micro_kw), jax.jit(apply, donate_argnums=(0, 1), **apply_kw)
 
 
@@ -246,16 +259,19 @@ class RunResult:
     state: dict = dataclasses.field(repr=False)  # the final train state, still on the mesh
 
 
-def _metrics_upto(path: Path, step: int) -> list[dict]:
-    """Metric lines of steps up to `step` (a killed run may have logged past its last checkpoint)."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+def _read_metrics(path: Path) -> list[dict]:
+    """The metric lines a run folder holds (a killed run may have logged past its last checkpoint, and
+    its last line may be cut short)."""
+    rows, lines = [], path.read_text(errors="replace").splitlines() if path.is_file() else []
+    for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if row["step"] <= step:
-            rows.append(row)
+            int(row["step"])
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError):
+            if n == len(lines):  # a line cut short by a kill
+                continue
+            raise ConfigError(f"{path} line {n} is damaged; repair or delete that line to resume") from None
+        rows.append(row)
     return rows
 
 
@@ -268,13 +284,26 @@ def plot_loss(rows: list[dict], out: Path) -> Path:
     return io.save_figure(fig, out)
 
 
+# settings a resumed run may change: where and how it runs, not what it computes (up to reduction order)
+OPERATIONAL = ("mesh.", "train.micro_batch", "train.checkpoint_every", "train.max_to_keep", "train.export_hf",
+               "train.allow_config_change")
+
+
 def _resume_config(out: Path, cfg: ConfigDict) -> None:
+    """A folder is resumed only with the config it started with (operational settings aside)."""
     saved = out / "config.json"
     now = json.loads(cfg.to_json_best_effort())
     if saved.is_file():
-        before = cli.flat(ConfigDict(json.loads(saved.read_text())))
+        try:
+            before = cli.flat(ConfigDict(json.loads(saved.read_text())))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{saved} is damaged ({e}); restore it or move the run folder away") from None
         changed = sorted(k for k, v in cli.flat(ConfigDict(now)).items()
                          if before.get(k) != v and k != "train.out_dir")  # a run folder may be moved
+        numbers = [k for k in changed if not k.startswith(OPERATIONAL)]
+        if numbers and not cfg.train.allow_config_change:
+            raise ConfigError(f"{out} was started with a different config ({', '.join(numbers)}): resuming it would "
+                              "match neither run; use another train.out_dir, or set train.allow_config_change=True")
         if changed:
             warnings.warn(f"{out} was started with a different config ({', '.join(changed)}): "
                           "resuming it will not reproduce an uninterrupted run", stacklevel=3)
@@ -318,8 +347,14 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
 
     Every process of a multi-host run calls this; the mesh spans `devices` (default: all, of every
     process). Process 0 alone writes config.json, metrics, the loss plot and logs; checkpoints and
-    the HF export are collective (orbax and `convert.export_hf` coordinate the processes).
+    the HF export are collective (orbax and `convert.export_hf` coordinate the processes). The writer
+    holds `train.out_dir`'s lock from before anything is written there until the run ends.
     """
+    with contextlib.ExitStack() as held:
+        return _run(cfg, devices, held)
+
+
+def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.ExitStack) -> RunResult:
     if not jax.distributed.is_initialized():
         distributed.initialize()
     writer = distributed.is_writer()
@@ -330,21 +365,23 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
     rows = data.load_rows(d)
     try:
         model_dir = convert.model_dir(cfg.model.path)
+        tokenizer = convert.load_tokenizer(cfg.model.tokenizer or model_dir)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir)
-    examples = data.tokenize(rows, tokenizer, d.tag_set, d.max_seq_length, d.name, d.chat_format)
-    n = len(examples.ids)
-    info("%s (%s mode): %d examples, %d dropped with no response token left after truncation to %d tokens",
-         d.name, d.mode, n, examples.dropped, d.max_seq_length)
     model_cfg = M.from_hf_config(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype).replace(
         **memory.options(cfg.model))
     try:
         lora.check_model(model_cfg, cfg.lora)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if d.max_seq_length > model_cfg.max_position_embeddings:
+        raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds the context of {model_dir} "
+                          f"({model_cfg.max_position_embeddings} positions)")
+    examples = data.tokenize(rows, tokenizer, d.tag_set, d.max_seq_length, d.name, model_cfg.vocab_size,
+                             d.path or d.name, d.chat_format)
+    n = len(examples.ids)
+    info("%s (%s mode): %d examples, %d dropped with no response token left after truncation to %d tokens",
+         d.name, d.mode, n, examples.dropped, d.max_seq_length)
     per_epoch = data.steps_per_epoch(n, t.global_batch)
     total = per_epoch * t.epochs
     optimizer = make_optimizer(cfg.optim, total)
@@ -358,9 +395,12 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
          activation_bytes(model_cfg, sh, t.micro_batch, sizes[-1]) / 2**30)
 
     out = Path(t.out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
     if writer:
+        held.enter_context(runlock.hold(out / ".lock", f"training folder {out}"))
+        convert.remove_stale_tmp(out / "hf")  # of a killed export
         _resume_config(out, cfg)
+    metrics_path = out / "metrics.jsonl"
+    logged = _read_metrics(metrics_path)
     ckpts = checkpoint.Checkpoints(out / "checkpoints", t.checkpoint_every, t.max_to_keep)
     graphdef = nnx.split(sh.pin_activations(lora.abstract(model_cfg, cfg.lora)))[0]
     abstract, frozen_abstract = abstract_state(model_cfg, optimizer, t.seed, sh, cfg.lora)
@@ -376,8 +416,7 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
     del params
     micro_step, apply_step = build_steps(graphdef, optimizer, state_sh, batch_sh, frozen_sh)
     schedule = lr_schedule(cfg.optim, total)
-    metrics_path = out / "metrics.jsonl"
-    rows_logged = _metrics_upto(metrics_path, meta["step"])
+    rows_logged = [r for r in logged if r["step"] <= meta["step"]]
     if writer:
         io.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows_logged))
     step, loss = meta["step"], rows_logged[-1]["loss"] if rows_logged else float("nan")
@@ -388,6 +427,7 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
                disable=not writer)
     accum = zeros_accum(state["params"])
     key = np.asarray(state["rng"])
+    skipped = 0
     try:
         with open(metrics_path, "a") if writer else contextlib.nullcontext() as metrics_file:
             for epoch in range(meta["epoch"], t.epochs):
@@ -403,18 +443,27 @@ def run(cfg: ConfigDict, devices: list[jax.Device] | None = None) -> RunResult:
                         accum, part = micro_step(state["params"], accum, sh.global_batch(mine, t.micro_batch), frozen)
                         losses.append(part)
                     loss = float(np.sum(np.asarray(jax.device_get(losses), np.float64)))
-                    if not math.isfinite(loss):
-                        raise TrainingError(
-                            f"non-finite loss ({loss}) at step {step + 1} (epoch {epoch}, batch {position}); stopped "
-                            f"without updating. Last good checkpoint: step {ckpts.latest_step()} in {ckpts.directory}")
                     lr = float(schedule(step))
-                    state, accum = apply_step(state, accum)
+                    state, accum, applied = apply_step(state, accum)
+                    applied = bool(applied)
+                    if not applied:
+                        what = f"loss ({loss})" if not math.isfinite(loss) else "update"
+                        cause = (f"non-finite {what} at step {step + 1} (epoch {epoch}, batch {position}, "
+                                 f"examples {', '.join(examples.names[i] for i in batch_ids)})")
+                        if t.nonfinite == "stop":
+                            raise TrainingError(f"{cause}; stopped without updating. Last good checkpoint: "
+                                                f"step {ckpts.latest_step()} in {ckpts.directory}")
+                        skipped += 1
+                        warnings.warn(f"{cause}; skipped, the state kept as it was ({skipped} skipped so far)",
+                                      stacklevel=1)
                     step += 1
                     tokens = int(sum(b["mask"].sum() for b in micros))
                     seconds = time.perf_counter() - start
                     row = dict(step=step, epoch=epoch, loss=loss, lr=lr, tokens=tokens,
                                loss_tokens=int(sum(b["loss"][:, 1:].sum() for b in micros)),
                                seconds=round(seconds, 4), tokens_per_s=round(tokens / seconds, 1))
+                    if not applied:
+                        row["skipped"] = True
                     if writer:
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()
@@ -458,4 +507,5 @@ if __name__ == "__main__":
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     log.setLevel(logging.INFO)
-    cli.main(lambda cfg: summary(run(cfg)), None, errors=(TrainingError,), check=check_config)
+    cli.main(lambda cfg: summary(run(cfg)), None, errors=(TrainingError, checkpoint.CheckpointError),
+             check=check_config)

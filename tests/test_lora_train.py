@@ -91,7 +91,7 @@ def test_clipping_at_0_3_applies_to_the_adapter_gradients(tiny_hf):
     _, apply_step = train.build_steps(graphdef, optimizer)
     grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, jnp.float32), params)
     norm = float(optax.tree.norm(grads))
-    state, _ = apply_step(train.init_state(params, optimizer, 0), grads)
+    state, _, _ = apply_step(train.init_state(params, optimizer, 0), grads)
     mu = state["opt_state"][1][0].mu  # chain(clip, adam): Adam's first moment after one step is 0.1 * clipped grad
     for m in jax.tree.leaves(mu):
         np.testing.assert_allclose(np.asarray(m), 0.1 * 0.5 * 0.3 / norm, rtol=1e-5)

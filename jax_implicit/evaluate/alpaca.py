@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from jax_implicit import convert, io
+from jax_implicit import convert, io, partial, runlock
 from jax_implicit.evaluate import layout
 
 GPT4 = "weighted_alpaca_eval_gpt4_turbo"
@@ -89,13 +89,13 @@ def summarize(folder: Path, name: str) -> dict:
                 mean_preference=sum(a["preference"] for a in annotations) / len(annotations))
 
 
-def _local_judge(cfg):
+def _local_judge(cfg, keep: partial.Partial):
     from jax_implicit.evaluate import judge, scoring
 
     template = judge.template_path(cfg.judge.prompt_template)
     decoder, tokenizer = scoring.load(cfg.judge.model, cfg.judge.mesh if cfg.judge.sharded else None)
     local = judge.LocalJudge(decoder, tokenizer, name=Path(cfg.judge.model.path).name,
-                             answers=tuple(cfg.judge.answers), batch_tokens=cfg.judge.batch_tokens)
+                             answers=tuple(cfg.judge.answers), batch_tokens=cfg.judge.batch_tokens, keep=keep)
     return lambda tmp: dict(annotators_config=str(judge.write_config(tmp / "judge", local, template)),
                             Annotator=judge.LocalPairwiseAnnotator, fn_completions=local,
                             caching_path=tmp / "annotations_cache.json")
@@ -150,22 +150,29 @@ def run(cfg) -> dict:
     slug, judge_label = judge_names(cfg, kind)
     out = layout.out_path(cfg, cfg.eval_set, slug).absolute()
     lc_reason = lc_missing_reason(kind, min(len(outputs), cfg.max_instances or len(outputs)))
-    judge_kwargs = _local_judge(cfg) if kind == "local" else _gpt4_judge(out)
-    import alpaca_eval.main
+    with runlock.hold(runlock.beside(out), f"results {out}"):  # also: the folder is writable, before the judge loads
+        keep = None
+        if kind == "local":
+            settings = dict(judge=cfg.judge.to_dict(), weights=partial.stamp(convert.model_dir(cfg.judge.model.path)))
+            keep = partial.Partial(partial.path_for(out), settings)
+        judge_kwargs = _local_judge(cfg, keep) if kind == "local" else _gpt4_judge(out)
+        import alpaca_eval.main
 
-    with convert.atomic_dir(out) as tmp:
-        alpaca_eval.main.evaluate(
-            model_outputs=pd.DataFrame(outputs).assign(generator=name), reference_outputs=pd.DataFrame(references),
-            output_path=tmp, precomputed_leaderboard=None, is_return_instead_of_print=True,
-            fn_metric="get_winrate" if lc_reason else "get_length_controlled_winrate",
-            sort_by="win_rate" if lc_reason else "length_controlled_winrate",
-            metric_kwargs=None if lc_reason else {"save_weights_dir": None},
-            max_instances=cfg.max_instances or None, **judge_kwargs(tmp))
-        result = summarize(tmp, name)
-        result.update(judge=judge_label, judge_kind=kind, comparable_with_gpt4=kind == "gpt4",
-                      eval_set=cfg.eval_set, lc_missing_reason=lc_reason,
-                      outputs=str(cfg.outputs), references=str(cfg.references))
-        io.write_json(tmp / layout.RESULT, result)
+        with convert.atomic_dir(out) as tmp:
+            alpaca_eval.main.evaluate(
+                model_outputs=pd.DataFrame(outputs).assign(generator=name), reference_outputs=pd.DataFrame(references),
+                output_path=tmp, precomputed_leaderboard=None, is_return_instead_of_print=True,
+                fn_metric="get_winrate" if lc_reason else "get_length_controlled_winrate",
+                sort_by="win_rate" if lc_reason else "length_controlled_winrate",
+                metric_kwargs=None if lc_reason else {"save_weights_dir": None},
+                max_instances=cfg.max_instances or None, **judge_kwargs(tmp))
+            result = summarize(tmp, name)
+            result.update(judge=judge_label, judge_kind=kind, comparable_with_gpt4=kind == "gpt4",
+                          eval_set=cfg.eval_set, lc_missing_reason=lc_reason,
+                          outputs=str(cfg.outputs), references=str(cfg.references))
+            io.write_json(tmp / layout.RESULT, result)
+        if keep is not None:
+            keep.finish()
     print(report(result, out))
     return result
 

@@ -22,6 +22,7 @@ import yaml
 from alpaca_eval import constants, utils
 from alpaca_eval.annotators.pairwise_evaluator import PairwiseAnnotator, SinglePairwiseAnnotator
 
+from jax_implicit import partial
 from jax_implicit.evaluate import scoring
 from jax_implicit.prompts import generation_prompt
 
@@ -40,11 +41,13 @@ def swap_outputs(template: str) -> str:
 class LocalJudge:
     """alpaca_eval `fn_completions`: takes (output_1 first, output_2 first) prompt pairs, returns JSON completions."""
 
-    def __init__(self, decoder, tokenizer, *, name: str, answers: Sequence[str] = ("m", "M"), batch_tokens: int = 4096):
+    def __init__(self, decoder, tokenizer, *, name: str, answers: Sequence[str] = ("m", "M"), batch_tokens: int = 4096,
+                 keep: partial.Partial | None = None):
         if len(answers) != 2 or answers[0] == answers[1]:
             raise ValueError(f"judge.answers must be two different strings (output_1 better, output_2 better), "
                              f"got {tuple(answers)}")
         self.decoder, self.tokenizer, self.name, self.batch_tokens = decoder, tokenizer, name, batch_tokens
+        self.keep = keep  # finished batches of judgements, kept across a killed run
         self.answer_ids = [self._answer_id(a) for a in answers]
 
     def _text(self, prompt: str) -> tuple[str, bool]:
@@ -71,7 +74,8 @@ class LocalJudge:
     def probabilities(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """(n, 2): P(output_1 is better) with output_1 shown first, and with it shown second."""
         seqs = [self.encode(p) for pair in pairs for p in pair]
-        logp = scoring.next_token_logprobs(self.decoder, seqs, self.answer_ids, batch_tokens=self.batch_tokens)
+        logp = scoring.next_token_logprobs(self.decoder, seqs, self.answer_ids, batch_tokens=self.batch_tokens,
+                                           keep=self.keep)
         p_first = np.exp(logp[:, 0] - np.logaddexp(logp[:, 0], logp[:, 1])).reshape(-1, 2)
         return np.stack([p_first[:, 0], 1 - p_first[:, 1]], axis=1)
 

@@ -34,7 +34,7 @@ def rules_method(variant: str) -> str:
 
 def seed_dir(results: str | Path, base: str, method: str, seed: int) -> Path:
     for name, value in (("base", base), ("method", method)):
-        if not value or "/" in value:
+        if not value or "/" in value or value in (".", ".."):  # ".." would write outside the results folder
             raise ValueError(f"run.{name}={value!r}: give a non-empty folder name (or an explicit out path)")
     return Path(results) / base / method / f"seed{seed}"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_implicit import datasets, io, prompts
+from jax_implicit import convert, datasets, io, partial, prompts, runlock
 from jax_implicit.evaluate import layout, scoring
 
 
@@ -59,10 +59,11 @@ def encode(tokenizer, instruction: str, response: str, tag_set: str) -> tuple[li
 
 
 def rank(decoder, tokenizer, rows: list[dict], *, k: int, seed: int, tag_set: str = "user_assistant",
-         max_seq_length: int = 2048, batch_tokens: int = 4096) -> dict:
+         max_seq_length: int = 2048, batch_tokens: int = 4096, keep: partial.Partial | None = None) -> dict:
     """The ranking capability and every score behind it (real: (n,), random: (n, k)).
 
     Sequences are cut on the right at `max_seq_length` (and the model's context), as in training.
+    `keep` holds the scores of finished batches (a rerun computes only the rest).
     """
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no EOS token; ranking scores the response and EOS")
@@ -76,7 +77,7 @@ def rank(decoder, tokenizer, rows: list[dict], *, k: int, seed: int, tag_set: st
         if start >= len(s):
             raise ValueError(f"example {i}: its prompt fills all {cut} tokens, leaving none of response {j} to score")
     total, count = scoring.continuation_logprobs(decoder, seqs, [e[1] for e in encoded], batch_tokens=batch_tokens,
-                                                 desc="ranking")
+                                                 desc="ranking", keep=keep)
     score = np.exp(total / count)
     real, random = score[:n], score[n:].reshape(n, k)
     return dict(fraction=float(np.mean(real[:, None] - random > 0)), n_examples=n, k=k, seed=seed,
@@ -90,11 +91,15 @@ def run(cfg) -> dict:
     prompts.tags(cfg.tag_set)
     out = layout.out_path(cfg, layout.RANKING)
     rows = load_examples(cfg.data, cfg.n)
-    decoder, tokenizer = scoring.load(cfg.model, cfg.mesh if cfg.sharded else None)
-    result = rank(decoder, tokenizer, rows, k=cfg.k, seed=cfg.run.seed, tag_set=cfg.tag_set,
-                  max_seq_length=cfg.max_seq_length, batch_tokens=cfg.batch_tokens)
-    result.update(model=str(cfg.model.path), data=str(cfg.data))
-    io.write_json(out, result)
+    with runlock.hold(runlock.beside(out), f"output {out}"):  # also: the folder is writable, before any model work
+        keep = partial.Partial(partial.path_for(out), dict(model=cfg.model.to_dict(), batch_tokens=cfg.batch_tokens,
+                                                           weights=partial.stamp(convert.model_dir(cfg.model.path))))
+        decoder, tokenizer = scoring.load(cfg.model, cfg.mesh if cfg.sharded else None)
+        result = rank(decoder, tokenizer, rows, k=cfg.k, seed=cfg.run.seed, tag_set=cfg.tag_set,
+                      max_seq_length=cfg.max_seq_length, batch_tokens=cfg.batch_tokens, keep=keep)
+        result.update(model=str(cfg.model.path), data=str(cfg.data))
+        io.write_json(out, result)
+        keep.finish()
     print(f"response ranking capability of {cfg.model.path}: {result['fraction']:.4f} "
           f"({result['n_examples']} examples x {cfg.k} random responses, seed {cfg.run.seed}) -> {out}")
     return result

@@ -3,7 +3,8 @@
 Both the response-ranking metric and the local judge need the model's log-probabilities of
 given tokens, never a sampled continuation. Sequences are right-padded into power-of-two length
 buckets and each bucket always runs with the same number of rows (`batch_tokens // length`), so a
-whole dataset costs one compilation per bucket used.
+whole dataset costs one compilation per bucket used. With a `partial.Partial`, each finished batch is
+kept (keyed by the content of its rows) and a rerun computes only the batches not yet done.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jax_implicit import convert
+from jax_implicit import convert, partial
 from jax_implicit import model as M
 
 MIN_BUCKET = 32
@@ -24,10 +25,8 @@ MIN_BUCKET = 32
 def load(model_cfg, mesh_cfg=None) -> tuple[M.Decoder, object]:
     """The decoder and tokenizer named by a `config.model()` section; with a `config.mesh()` section the
     parameters are read straight into their shards on that mesh (large models on TPU/GPU hosts)."""
-    from transformers import AutoTokenizer
-
     path = convert.model_dir(model_cfg.path)
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path)
+    tokenizer = convert.load_tokenizer(model_cfg.tokenizer or path)
     kw = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype)
     if mesh_cfg is None:
         return convert.load_hf(path, **kw), tokenizer
@@ -94,25 +93,39 @@ def _next_token(decoder: M.Decoder, ids: jax.Array, mask: jax.Array, candidates:
 
 
 def continuation_logprobs(decoder: M.Decoder, seqs: Sequence[Sequence[int]], starts: Sequence[int], *,
-                          batch_tokens: int = 4096, desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
+                          batch_tokens: int = 4096, desc: str = "scoring",
+                          keep: partial.Partial | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sum of log-probabilities of tokens `seqs[i][starts[i]:]` given the tokens before them, and their count."""
     check_lengths(seqs, decoder.cfg.max_position_embeddings, "sequence")
     lengths = np.array([len(s) for s in seqs])
     total, count = np.zeros(len(seqs)), np.zeros(len(seqs), np.int64)
+    keys = [partial.digest([list(q), int(a)]) for q, a in zip(seqs, starts)] if keep else None
     for width, n_rows, rows in tqdm(list(_batches(lengths, batch_tokens)), desc=desc, unit="batch"):
-        s, c = _continuation(decoder, *_pad(seqs, rows, width, n_rows, starts))
-        total[rows], count[rows] = np.asarray(s)[:len(rows)], np.asarray(c)[:len(rows)]
+        done = keep.get([keys[i] for i in rows]) if keep else None
+        if done is None:
+            s, c = _continuation(decoder, *_pad(seqs, rows, width, n_rows, starts))
+            done = list(zip(np.asarray(s)[:len(rows)].tolist(), np.asarray(c)[:len(rows)].tolist()))
+            if keep:
+                keep.add([keys[i] for i in rows], done)
+        total[rows], count[rows] = zip(*done)
     return total, count
 
 
 def next_token_logprobs(decoder: M.Decoder, seqs: Sequence[Sequence[int]], candidates: Sequence[int], *,
-                        batch_tokens: int = 4096, desc: str = "judging") -> np.ndarray:
+                        batch_tokens: int = 4096, desc: str = "judging",
+                        keep: partial.Partial | None = None) -> np.ndarray:
     """(len(seqs), len(candidates)) log-probabilities of each candidate token following each sequence."""
     check_lengths(seqs, decoder.cfg.max_position_embeddings, "prompt")
     lengths = np.array([len(s) for s in seqs])
     out = np.zeros((len(seqs), len(candidates)))
     cand = jnp.asarray(list(candidates), jnp.int32)
+    keys = [partial.digest([list(q), list(candidates)]) for q in seqs] if keep else None
     for width, n_rows, rows in tqdm(list(_batches(lengths, batch_tokens)), desc=desc, unit="batch"):
-        ids, mask, _ = _pad(seqs, rows, width, n_rows)
-        out[rows] = np.asarray(_next_token(decoder, ids, mask, cand))[:len(rows)]
+        done = keep.get([keys[i] for i in rows]) if keep else None
+        if done is None:
+            ids, mask, _ = _pad(seqs, rows, width, n_rows)
+            done = np.asarray(_next_token(decoder, ids, mask, cand))[:len(rows)].tolist()
+            if keep:
+                keep.add([keys[i] for i in rows], done)
+        out[rows] = done
     return out
