@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from ml_collections import ConfigDict
 
-from jax_implicit import io, prompts
+from jax_implicit import io, prompts, refusals
 
 MODES = ("instruction", "response", "single_task")
 SINGLE_TASK = ("gsm8k", "mbpp", "poetry", "recipes", "chess")
@@ -35,9 +35,10 @@ class DataError(ValueError):
 def data_config(name: str = "lima", path: str = "", mode: str = "instruction", tag_set: str = "user_assistant",
                 max_seq_length: int = 2048, limit: int = 0, bucket_min: int = 64) -> ConfigDict:
     """`path`: a local file or folder to read instead of the public id; `limit`: keep the first N examples
-    (0: all); `bucket_min`: the shortest padded length (buckets double up to `max_seq_length`)."""
+    (0: all); `bucket_min`: the shortest padded length (buckets double up to `max_seq_length`); `refusals`:
+    refusals mixed in (`refusals.refusal_config`; kind "" adds none)."""
     return ConfigDict(dict(name=name, path=path, mode=mode, tag_set=tag_set, max_seq_length=max_seq_length,
-                           limit=limit, bucket_min=bucket_min))
+                           limit=limit, bucket_min=bucket_min, refusals=refusals.refusal_config()))
 
 
 # ----------------------------------------------------------------------------- rows by name
@@ -218,7 +219,20 @@ def load_rows(cfg: ConfigDict) -> list[dict]:
     rows = rows[:cfg.limit] if cfg.limit else rows
     if not rows:
         raise DataError(f"dataset {cfg.name!r} ({cfg.path or src.hub_id}) has no rows")
-    return [apply_mode(r, cfg.mode) for r in rows]
+    return [apply_mode(r, cfg.mode) for r in _with_refusals(rows, cfg.refusals)]
+
+
+def _with_refusals(rows: list[dict], cfg: ConfigDict) -> list[dict]:
+    """Response Tuning's contextual refusals after the training rows, the implicit-ins authors' selective ones
+    before them (as in their `lima_no_instruction_plus_refusal.jsonl`)."""
+    if not cfg.kind:
+        return rows
+    try:
+        extra = refusals.refusals(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(str(e)) from None
+    extra = [_check_messages(r, f"{refusals.source(cfg)} row {i}") for i, r in enumerate(extra)]
+    return extra + rows if cfg.kind == "selective" else rows + extra
 
 
 def apply_mode(row: dict, mode: str) -> dict:
