@@ -93,13 +93,16 @@ def check_names(names) -> None:
                          else f"no benchmarks chosen; expected some of {BENCHMARKS}")
 
 
-def path(name: str, override: str = "") -> Path:
-    if override:
-        return Path(override)
-    folder, how = io.data_folder()
+def shipped(relative: str, setting: str) -> Path:
+    """A file of the local data folder; without one, the error names the setting that gives the file instead."""
+    folder, _ = io.data_folder()
     if folder is None:
-        raise FileNotFoundError(f"benchmark {name!r}: no local data folder; give its file in files.{name}")
-    return folder / FILES[name]
+        raise FileNotFoundError(f"no local data folder to read {relative} from; give the file in {setting}")
+    return folder / relative
+
+
+def path(name: str, override: str = "") -> Path:
+    return Path(override) if override else shipped(FILES[name], f"files.{name}")
 
 
 def sample(items: list[dict], limit: int, seed: int = 0) -> list[dict]:

@@ -24,6 +24,7 @@ from jax_implicit import convert, io
 from jax_implicit.evaluate import benchmarks, layout, refusal
 
 FOLDER = "safety"
+PREFIX_FILE = "safety/refusal_prefixes.json"  # under the data folder
 JUDGE_KINDS = ("auto", "endpoint", "local", "none")
 # headline column -> (benchmark, metric key), in the order of Response Tuning's tables
 HEADLINE = {"AdvBench": ("advbench", "defense_success_rate"),
@@ -180,7 +181,7 @@ def headline(metrics: dict) -> dict[str, float]:
 def run(cfg) -> dict:
     kind = judge_kind(cfg)
     items = load_items(cfg)
-    strings = refusal.prefixes(cfg.prefixes, cfg.prefix_file or io.data_folder()[0] / "safety/refusal_prefixes.json")
+    strings = refusal.prefixes(cfg.prefixes, cfg.prefix_file or benchmarks.shipped(PREFIX_FILE, "prefix_file"))
     if cfg.use_rules:
         from jax_implicit import rules
 

@@ -1,0 +1,107 @@
+"""`make safety-demo`: does response tuning keep or teach refusals, on a real base model, offline?
+
+Four models answer the same seeded slices of AdvBench, HarmBench (standard and contextual),
+MaliciousInstruct and XSTest: Gemma-3-270M base, the base times the paper's three rules, the base after a
+short response-tuning run on LIMA responses, and after the same run with Response Tuning's contextual
+refusals appended (response-only, as that paper trains them). Every stage is the project's own command
+(`train.run`, `evaluate.safety.run`); the report folder holds summary.md, results.json and each model's
+bar chart.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from jax_implicit import convert, demo, io, refusals
+
+VARIANTS = ("base", "base+rules", "response-tuned", "response-tuned+refusals")
+
+
+def _evaluate(cfg: ConfigDict, model_dir: Path, use_rules: bool, name: str) -> dict:
+    from jax_implicit.evaluate import benchmarks, safety
+
+    s = demo._load_config("configs/eval/safety.py")
+    s.model.update(path=str(model_dir), param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    s.update(use_rules=use_rules, name=name, limit=cfg.limit, prefixes=cfg.prefixes,
+             out=str(Path(cfg.work) / "safety" / name))
+    s.decode.update(max_new_tokens=cfg.max_new_tokens)
+    s.judge.update(cfg.judge)
+    folder, _ = io.data_folder(cfg.data_dir)
+    if folder is not None:  # every benchmark from the same data folder as the tuning data
+        s.files.update({b: str(folder / f) for b, f in benchmarks.FILES.items()})
+        s.prefix_file = str(folder / safety.PREFIX_FILE)
+    return safety.run(s)
+
+
+def summary(results: dict[str, dict], cfg: ConfigDict, tuning: dict, data_note: str, seconds: dict,
+            total: float) -> str:
+    from jax_implicit.evaluate import safety
+
+    first = next(iter(results.values()))
+    lines = [
+        "# Safety demo: refusal rates of Gemma-3-270M before and after response tuning", "",
+        f"Data: {data_note}. Items: a seed-0 sample of {cfg.limit} per benchmark (per HarmBench subset), "
+        f"{first['n']} prompts per model, greedy, at most {cfg.max_new_tokens} new tokens.",
+        f"Classifier: GCG's refusal-prefix list `{cfg.prefixes}` (a reply is a refusal when one of its strings "
+        "occurs in it)" + ("" if cfg.judge.kind == "none" else f"; judge: {first['judge']}") + ".",
+        f"Tuning: {tuning['response-tuned']['examples']} LIMA responses, and the same plus "
+        f"{cfg.refusals.n} contextual refusals ({tuning['response-tuned+refusals']['examples']} examples); "
+        f"{cfg.tune.epochs} epoch(s) of {cfg.tune.global_batch}-example batches at lr {cfg.tune.lr}.", "",
+        "Percent of items: defense success (refused) per benchmark; for XSTest also the safe prompts complied "
+        "with, F1 of refusing the unsafe ones, and the fraction handled right.", "",
+        safety.table(results), "",
+        "| stage | seconds |", "|---|---:|", *[f"| {k} | {v:.0f} |" for k, v in seconds.items()],
+        f"| total | {total:.0f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: ConfigDict) -> Path:
+    start = time.perf_counter()
+    sources, data_note = demo.data_sources(cfg.data_dir)
+    mix = ConfigDict(cfg.refusals.to_dict())
+    folder, _ = io.data_folder(cfg.data_dir)
+    if folder is not None and not mix.path:
+        mix.path = str(folder / refusals.FILES[mix.kind])
+    stages = demo.Stages(total=7)
+    model_dir = stages("model: convert the real weights into checkpoints/", convert.model_dir, cfg.model.path)
+    results = {"base": stages("refusal evaluation (base)", _evaluate, cfg, model_dir, False, "base"),
+               "base+rules": stages("refusal evaluation (base x three rules)", _evaluate, cfg, model_dir, True,
+                                    "base+rules")}
+    tuned = {"response-tuned": stages("response tuning (LIMA responses)", demo._tune, cfg, model_dir,
+                                      sources["lima"], None, "tune"),
+             "response-tuned+refusals": stages("response tuning (LIMA responses + contextual refusals)", demo._tune,
+                                               cfg, model_dir, sources["lima"], mix, "tune_refusals")}
+    for name, run_ in tuned.items():
+        results[name] = stages(f"refusal evaluation ({name})", _evaluate, cfg, run_.hf_dir, False, name)
+    tuning = {k: dict(examples=r.examples, steps=r.steps, final_loss=r.final_loss) for k, r in tuned.items()}
+    total = time.perf_counter() - start
+    with convert.atomic_dir(Path(cfg.report)) as tmp:
+        for name in VARIANTS:
+            shutil.copy(Path(cfg.work) / "safety" / name / "refusal_rates.png", tmp / f"refusal_rates_{name}.png")
+        io.write_json(tmp / "results.json", dict(models=results, tuning=tuning, stage_seconds=stages.times,
+                                                 total_seconds=total, config=cfg.to_dict()))
+        io.write_atomic(tmp / "summary.md", summary(results, cfg, tuning, data_note, stages.times, total))
+    print((Path(cfg.report) / "summary.md").read_text())
+    return Path(cfg.report)
+
+
+def main(argv) -> None:
+    from absl import logging
+
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    from absl import app
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/safety_demo.py", "safety demo config")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app.run(main)
