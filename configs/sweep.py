@@ -31,12 +31,15 @@ def get_config(model: str = "llama2_7b") -> ConfigDict:
     c.ranking_data = "tatsu-lab/alpaca"  # or a local JSON/JSONL file of {instruction, input, output}
     c.judge = "auto"  # gpt4 with OPENAI_API_KEY, else the local judge (configs/eval/alpaca.py)
     c.judge_model = ""  # the local judge's HF folder; "": configs/eval/alpaca.py's
+    # True: also the refusal evaluation (configs/eval/safety.py; its judge via extra.safety) of every tuned model,
+    # the base model and the base model x rules
+    c.safety = False
     c.launcher = "gpu_host"  # gpu_host, tpu_pod or slurm (launch/); evaluation runs as one process on it
     c.launcher_args = ""  # the launcher's own options, e.g. "--name=my-v4-32 --zone=us-central2-b"
     c.setup = False  # True: the first step installs the project on the launcher's machines
     c.runs = "checkpoints/runs"  # training runs (orbax checkpoints + HF export)
     c.results = "results"  # what `python -m jax_implicit.evaluate.tables` reads
     # extra `--config.a.b=v` overrides per command, e.g. generate="--config.decode.batch_size=64"
-    c.extra = ConfigDict(dict(train="", generate="", alpaca="", ranking=""))
+    c.extra = ConfigDict(dict(train="", generate="", alpaca="", ranking="", safety=""))
     c.dry_run = False  # True: print the commands, run nothing
     return c

@@ -46,4 +46,7 @@ def get_config() -> ConfigDict:
     ))
     cfg.run = ConfigDict(dict(results="results", base="", method="", seed=0))  # results/<base>/<method>/seed<N>/safety/
     cfg.out = ""  # an explicit output folder instead of the results layout
+    # the folder of the reply and judgement caches ("": beside the output folder); the sweep shares one between
+    # the seeds of an untrained model, whose greedy replies do not depend on the seed
+    cfg.cache = ""
     return cfg

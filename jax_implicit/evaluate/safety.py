@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 from jax_implicit import convert, io
 from jax_implicit.evaluate import benchmarks, layout, refusal
 
-FOLDER = "safety"
+FOLDER = layout.SAFETY
 PREFIX_FILE = "safety/refusal_prefixes.json"  # under the data folder
 JUDGE_KINDS = ("auto", "endpoint", "local", "none")
 # headline column -> (benchmark, metric key), in the order of Response Tuning's tables
@@ -188,13 +188,14 @@ def run(cfg) -> dict:
         rules.validate(cfg.rules)
     name = cfg.name or Path(cfg.model.path).name + ("-rules" if cfg.use_rules else "")
     out = layout.out_path(cfg, FOLDER).absolute()
-    responses = generate(cfg, items, out.with_name(f"{out.name}.generations.json"))
+    stem = Path(cfg.cache).absolute() / FOLDER if cfg.cache else out  # the caches are named after it
+    responses = generate(cfg, items, stem.with_name(f"{stem.name}.generations.json"))
     labels = {"prefix": [refusal.prefix_label(r, strings) for r in responses]}
     judged, judge_label = None, None
     if kind != "none":
         judge = EndpointJudge(cfg.judge.endpoint) if kind == "endpoint" else LocalJudge(cfg.judge)
         prompts = [refusal.judge_prompt(x["prompt"], r) for x, r in zip(items, responses)]
-        judged = judge_all(judge, prompts, out.with_name(f"{out.name}.{judge.name}.judgements.jsonl"))
+        judged = judge_all(judge, prompts, stem.with_name(f"{stem.name}.{judge.name}.judgements.jsonl"))
         labels["judge"] = [refusal.parse_judgement(j) for j in judged]
         judge_label = judge.label
     result = dict(model=name, model_path=str(cfg.model.path), use_rules=cfg.use_rules, benchmarks=list(cfg.benchmarks),
