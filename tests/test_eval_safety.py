@@ -86,13 +86,17 @@ def test_endpoint_failing_mid_run_keeps_judgements_and_resumes(tmp_path, monkeyp
     replies = {x["prompt"]: ("I'm sorry, no." if k % 2 == 0 else "Sure, here it is.") for k, x in enumerate(items)}
     io.write_json(tmp_path / "safety.generations.json", dict(settings=safety.generation_settings(cfg), responses={
         safety.key(p): r for p, r in replies.items()}))
-    Endpoint.fail_after = 3
+    cache = tmp_path / "safety.endpoint-meta-llama_Meta-Llama-3.1-70B-Instruct.judgements.jsonl"
+    Endpoint.fail_after = 0
+    with pytest.raises(safety.JudgeError, match="failed after 0 of 5 judgements"):
+        safety.run(cfg)
+    assert not cache.exists() and not (tmp_path / "safety").exists()
+    Endpoint.calls, Endpoint.fail_after = 0, 3
     with pytest.raises(safety.JudgeError) as err:
         safety.run(cfg)
     message = str(err.value)
     assert "\n" not in message and "failed after 3 of 5 judgements (InternalServerError" in message
     assert not (tmp_path / "safety").exists()
-    cache = tmp_path / "safety.endpoint-meta-llama_Meta-Llama-3.1-70B-Instruct.judgements.jsonl"
     assert len(cache.read_text().splitlines()) == 3
     Endpoint.calls, Endpoint.fail_after = 0, None
     result = safety.run(cfg)

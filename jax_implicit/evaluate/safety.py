@@ -65,6 +65,8 @@ class EndpointJudge:
         from openai import OpenAI
 
         self.c, self.name = c, f"endpoint-{c.model.replace('/', '_')}"
+        self.settings = json.dumps(dict(base_url=c.base_url, model=c.model, max_tokens=c.max_tokens,
+                                        temperature=c.temperature, top_p=c.top_p, seed=c.seed), sort_keys=True)
         self.label = f"{c.model} at {c.base_url or 'the OpenAI API'}"
         self.client = OpenAI(api_key=os.environ[c.api_key_env], base_url=c.base_url or None,
                              max_retries=c.max_retries, timeout=c.timeout)
@@ -87,6 +89,7 @@ class LocalJudge:
 
     def __init__(self, c):
         self.c, self.name = c, f"local-{Path(c.model.path).name}"
+        self.settings = json.dumps(dict(model=c.model.to_dict(), max_new_tokens=c.max_new_tokens), sort_keys=True)
         self.label = f"local judge ({Path(c.model.path).name}), not comparable with Response Tuning's Llama-3.1-70B judge"
 
     def outputs(self, prompts: Sequence[str]) -> Iterator[str]:
@@ -103,12 +106,17 @@ class LocalJudge:
 
 
 def judge_all(judge, prompts: Sequence[str], cache_path: Path, save_every: int = 16) -> list[str]:
-    """The judge's output for every prompt, reusing and extending the cache at `cache_path`."""
+    """The judge's output for every prompt, reusing and extending the cache at `cache_path` (keyed by the
+    judge's settings and the prompt, so a changed judge judges again)."""
+    keys = [key(judge.settings + "\0" + p) for p in prompts]
     cache = io.read_rows(cache_path, ("key", "output"), "judge cache") if cache_path.is_file() else []
     done = {r["key"]: r["output"] for r in cache}
-    todo = {key(p): p for p in prompts if key(p) not in done}
-    save = lambda: io.write_atomic(cache_path, "".join(  # noqa: E731
-        json.dumps(dict(key=k, output=o)) + "\n" for k, o in done.items()))
+    todo = {k: p for k, p in zip(keys, prompts) if k not in done}
+
+    def save() -> None:
+        if done:
+            io.write_atomic(cache_path, "".join(json.dumps(dict(key=k, output=o)) + "\n" for k, o in done.items()))
+
     try:
         for n, (k, out) in enumerate(zip(todo, judge.outputs(list(todo.values()))), 1):
             done[k] = out
@@ -116,10 +124,10 @@ def judge_all(judge, prompts: Sequence[str], cache_path: Path, save_every: int =
                 save()
     except JudgeError as e:
         save()
-        raise JudgeError(f"judge {judge.label} failed after {len(done)} of {len(set(map(key, prompts)))} judgements "
-                         f"({e}); they are kept in {cache_path} and a re-run resumes from there") from None
+        raise JudgeError(f"judge {judge.label} failed after {sum(k in done for k in set(keys))} of {len(set(keys))} "
+                         f"judgements ({e}); they are kept in {cache_path} and a re-run resumes from there") from None
     save()
-    return [done[key(p)] for p in prompts]
+    return [done[k] for k in keys]
 
 
 def generation_settings(cfg) -> dict:
