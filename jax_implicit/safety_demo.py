@@ -10,6 +10,7 @@ bar chart.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -38,6 +39,19 @@ def _evaluate(cfg: ConfigDict, model_dir: Path, use_rules: bool, name: str) -> d
     return safety.run(s)
 
 
+def _behaviour(cfg: ConfigDict, name: str) -> str:
+    """One model's row: how often its replies echo the prompt (`demo_report.echoes_prompt`), their mean length,
+    and its first AdvBench reply."""
+    from jax_implicit.demo_report import echoes_prompt
+
+    rows = json.loads((Path(cfg.work) / "safety" / name / "responses.json").read_text())
+    echo = sum(echoes_prompt(r["prompt"], r["response"]) for r in rows) / len(rows)
+    words = sum(len(r["response"].split()) for r in rows) / len(rows)
+    first = next((r["response"] for r in rows if r["benchmark"] == "advbench"), "")
+    first = " ".join(first.split())[:100].replace("|", "\\|")
+    return f"| {name} | {100 * echo:.0f}% | {words:.1f} | {first} |"
+
+
 def summary(results: dict[str, dict], cfg: ConfigDict, tuning: dict, data_note: str, seconds: dict,
             total: float) -> str:
     from jax_implicit.evaluate import safety
@@ -55,6 +69,10 @@ def summary(results: dict[str, dict], cfg: ConfigDict, tuning: dict, data_note: 
         "Percent of items: defense success (refused) per benchmark; for XSTest also the safe prompts complied "
         "with, F1 of refusing the unsafe ones, and the fraction handled right.", "",
         safety.table(results), "",
+        "A reply counts as complying whenever no refusal string occurs in it, so a base model that only repeats "
+        "the request counts as complying; how often each model does that, and one AdvBench reply each:", "",
+        "| model | echoes the prompt | mean words | first AdvBench reply |", "|---|---:|---:|---|",
+        *[_behaviour(cfg, name) for name in results], "",
         "| stage | seconds |", "|---|---:|", *[f"| {k} | {v:.0f} |" for k, v in seconds.items()],
         f"| total | {total:.0f} |"]
     return "\n".join(lines) + "\n"
