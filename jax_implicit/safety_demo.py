@@ -39,6 +39,12 @@ def _evaluate(cfg: ConfigDict, model_dir: Path, use_rules: bool, name: str) -> d
     return safety.run(s)
 
 
+def _tune(cfg: ConfigDict, model_dir: Path, lima: str, mix: ConfigDict | None, name: str) -> dict:
+    """`demo._tune`'s run, summarised: its train state is let go, so two runs never hold memory at once."""
+    r = demo._tune(cfg, model_dir, lima, mix, name)
+    return dict(hf_dir=str(r.hf_dir), examples=r.examples, steps=r.steps, final_loss=r.final_loss)
+
+
 def _behaviour(cfg: ConfigDict, name: str) -> str:
     """One model's row: how often its replies echo the prompt (`demo_report.echoes_prompt`), their mean length,
     and its first AdvBench reply."""
@@ -90,13 +96,12 @@ def run(cfg: ConfigDict) -> Path:
     results = {"base": stages("refusal evaluation (base)", _evaluate, cfg, model_dir, False, "base"),
                "base+rules": stages("refusal evaluation (base x three rules)", _evaluate, cfg, model_dir, True,
                                     "base+rules")}
-    tuned = {"response-tuned": stages("response tuning (LIMA responses)", demo._tune, cfg, model_dir,
-                                      sources["lima"], None, "tune"),
-             "response-tuned+refusals": stages("response tuning (LIMA responses + contextual refusals)", demo._tune,
-                                               cfg, model_dir, sources["lima"], mix, "tune_refusals")}
-    for name, run_ in tuned.items():
-        results[name] = stages(f"refusal evaluation ({name})", _evaluate, cfg, run_.hf_dir, False, name)
-    tuning = {k: dict(examples=r.examples, steps=r.steps, final_loss=r.final_loss) for k, r in tuned.items()}
+    tuning = {"response-tuned": stages("response tuning (LIMA responses)", _tune, cfg, model_dir, sources["lima"],
+                                       None, "tune"),
+              "response-tuned+refusals": stages("response tuning (LIMA responses + contextual refusals)", _tune, cfg,
+                                                model_dir, sources["lima"], mix, "tune_refusals")}
+    for name, t in tuning.items():
+        results[name] = stages(f"refusal evaluation ({name})", _evaluate, cfg, Path(t["hf_dir"]), False, name)
     total = time.perf_counter() - start
     with convert.atomic_dir(Path(cfg.report)) as tmp:
         for name in VARIANTS:
