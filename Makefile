@@ -17,4 +17,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m jax_implicit.demo $(ARGS)
 
-.PHONY: test demo
+safety-demo: $(STAMP)
+	$(PY) -m jax_implicit.safety_demo $(ARGS)
+
+.PHONY: test demo safety-demo

@@ -33,6 +33,9 @@ def get_config(model: str = "llama2_7b") -> ConfigDict:
     c.judge = "auto"  # gpt4 with OPENAI_API_KEY, else the local judge (configs/eval/alpaca.py)
     c.allow_local_judge = False  # True: judge the grid with the local model when no OPENAI_API_KEY is set
     c.judge_model = ""  # the local judge's HF folder; "": configs/eval/alpaca.py's
+    # True: also the refusal evaluation (configs/eval/safety.py; its judge via extra.safety) of every tuned model,
+    # the base model and the base model x rules
+    c.safety = False
     c.launcher = "gpu_host"  # gpu_host, tpu_pod or slurm (launch/); evaluation runs as one process on it
     c.launcher_args = ""  # the launcher's own options, e.g. "--name=my-v4-32 --zone=us-central2-b"
     c.setup = False  # True: the first step installs the project on the launcher's machines
@@ -40,6 +43,7 @@ def get_config(model: str = "llama2_7b") -> ConfigDict:
     c.results = "results"  # what `python -m jax_implicit.evaluate.tables` reads
     # extra `--config.a.b=v` overrides per command, e.g. generate="--config.decode.batch_size=64"
     # 7B inference: bfloat16 weights, sharded over the launcher's whole mesh (FSDP), like training
-    c.extra = ConfigDict(dict(train="", generate=INFERENCE, alpaca="", ranking=INFERENCE + " --config.sharded=True"))
+    c.extra = ConfigDict(dict(train="", generate=INFERENCE, alpaca="", ranking=INFERENCE + " --config.sharded=True",
+                              safety=""))
     c.dry_run = False  # True: print the commands, run nothing
     return c

@@ -356,9 +356,6 @@ def ensure_gemma3_270m(checkpoints: str | Path = "checkpoints") -> Path:
     return out
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-
-
 def load_tokenizer(path: str | Path):
     """`AutoTokenizer.from_pretrained`, with a folder that holds no tokenizer named as such (transformers
     would report something unrelated)."""

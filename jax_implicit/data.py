@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from ml_collections import ConfigDict
 
-from jax_implicit import datasets, io, prompts
+from jax_implicit import datasets, io, prompts, refusals
 
 MODES = ("instruction", "response", "single_task")
 SINGLE_TASK = ("gsm8k", "mbpp", "poetry", "recipes", "chess")
@@ -38,9 +38,11 @@ def data_config(name: str = "lima", path: str = "", mode: str = "instruction", t
                 max_seq_length: int = 2048, limit: int = 0, bucket_min: int = 64, chat_format: str = "paper") -> ConfigDict:
     """`path`: a file or folder, a named dataset or a hub id to read instead of the name's own source; `limit`:
     keep the first N examples (0: all); `bucket_min`: the shortest padded length (buckets double up to
-    `max_seq_length`); `chat_format`: one of CHAT_FORMATS (`encode` or `encode_rt`)."""
+    `max_seq_length`); `chat_format`: one of CHAT_FORMATS (`encode` or `encode_rt`); `refusals`: refusals
+    mixed in (`refusals.refusal_config`; kind "" adds none)."""
     return ConfigDict(dict(name=name, path=path, mode=mode, tag_set=tag_set, max_seq_length=max_seq_length,
-                           limit=limit, bucket_min=bucket_min, chat_format=chat_format))
+                           limit=limit, bucket_min=bucket_min, chat_format=chat_format,
+                           refusals=refusals.refusal_config()))
 
 
 # ----------------------------------------------------------------------------- rows by name
@@ -228,7 +230,20 @@ def load_rows(cfg: ConfigDict) -> list[dict]:
     rows = rows[:cfg.limit] if cfg.limit else rows
     if not rows:
         raise DataError(f"dataset {cfg.name!r} ({source}) has no rows")
-    return [apply_mode(r, cfg.mode, cfg.chat_format) for r in rows]
+    return [apply_mode(r, cfg.mode, cfg.chat_format) for r in _with_refusals(rows, cfg.refusals)]
+
+
+def _with_refusals(rows: list[dict], cfg: ConfigDict) -> list[dict]:
+    """Response Tuning's contextual refusals after the training rows, the implicit-ins authors' selective ones
+    before them (as in their `lima_no_instruction_plus_refusal.jsonl`)."""
+    if not cfg.kind:
+        return rows
+    try:
+        extra = refusals.refusals(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(str(e)) from None
+    extra = [_check_messages(r, f"{refusals.source(cfg)} row {i}") for i, r in enumerate(extra)]
+    return extra + rows if cfg.kind == "selective" else rows + extra
 
 
 def apply_mode(row: dict, mode: str, chat_format: str = "paper") -> dict:

@@ -175,11 +175,15 @@ def encode_all(tokenizer, instructions: Sequence[str], tag_set: str, max_new_tok
         raise ValueError("no instructions to decode")
     _check_new_tokens(max_new_tokens)
     encoded = [encode(tokenizer, ins, tag_set) for ins in instructions]
+    check_fit(encoded, max_new_tokens, context)
+    return encoded
+
+
+def check_fit(encoded: Sequence[Prompt], max_new_tokens: int, context: int, what: str = "instruction") -> None:
     for k, p in enumerate(encoded):
         if len(p.ids) + max_new_tokens > context:
-            raise ValueError(f"instruction {k} is {len(p.ids)} tokens; with max_new_tokens={max_new_tokens} it "
+            raise ValueError(f"{what} {k} is {len(p.ids)} tokens; with max_new_tokens={max_new_tokens} it "
                              f"exceeds the context of {context} positions")
-    return encoded
 
 
 def pad_batch(batch: Sequence[Prompt], rows: int, bucket: int, pad_id: int) -> tuple[np.ndarray, ...]:
@@ -220,9 +224,20 @@ def generate_texts(decoder: M.Decoder, tokenizer, instructions: Sequence[str], *
     finished work). A batch all of whose responses are in `done` (by index) is taken from there, not decoded:
     a rerun decodes the same batches with the same keys, so its responses are those of an uninterrupted run.
     With a `sharding.Sharder` (the decoder already on its mesh) each batch's KV cache is created in its shards."""
-    cfg = decoder.cfg
     check_settings(max_new_tokens, batch_size, bucket, temperature, top_p)
-    encoded = encode_all(tokenizer, instructions, tag_set, max_new_tokens, cfg.max_position_embeddings)
+    encoded = encode_all(tokenizer, instructions, tag_set, max_new_tokens, decoder.cfg.max_position_embeddings)
+    return generate_prompts(decoder, tokenizer, encoded, max_new_tokens=max_new_tokens, rules=rules,
+                            batch_size=batch_size, bucket=bucket, temperature=temperature, top_p=top_p, seed=seed,
+                            on_batch=on_batch, done=done, sharder=sharder)
+
+
+def generate_prompts(decoder: M.Decoder, tokenizer, encoded: Sequence[Prompt], *, max_new_tokens: int,
+                     rules: R.RuleTables | None = None, batch_size: int = 16, bucket: int = 64,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                     on_batch: Callable[[dict[int, str], int], None] | None = None,
+                     done: Mapping[int, str] | None = None, sharder=None) -> list[str]:
+    """`generate_texts` for prompts already tokenized in any format (a judge's chat template, say)."""
+    cfg = decoder.cfg
     eos = eos_ids_for(cfg, tokenizer)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
     order = sorted(range(len(encoded)), key=lambda k: len(encoded[k].ids))

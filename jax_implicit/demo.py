@@ -58,16 +58,19 @@ def _generate(cfg: ConfigDict, model_dir: Path, use_rules: bool, name: str, val:
     return generate.run(g)
 
 
-def _tune(cfg: ConfigDict, model_dir: Path, lima: str):
+def _tune(cfg: ConfigDict, model_dir: Path, lima: str, refusals: ConfigDict | None = None, name: str = "tune"):
+    """Response tuning on the first `tune.examples` LIMA rows, with `refusals` mixed in when given."""
     from jax_implicit import train
 
     t = _load_config("configs/train/smollm2_cpu.py", "response")
     t.model.update(path=str(model_dir), param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
     t.data.update(path=lima, limit=cfg.tune.examples, max_seq_length=cfg.tune.max_seq_length,
                   bucket_min=min(t.data.bucket_min, cfg.tune.max_seq_length))
+    if refusals is not None:
+        t.data.refusals.update(refusals)
     t.optim.update(lr=cfg.tune.lr)
     t.train.update(epochs=cfg.tune.epochs, global_batch=cfg.tune.global_batch, micro_batch=cfg.tune.micro_batch,
-                   out_dir=str(Path(cfg.work) / "tune"))
+                   out_dir=str(Path(cfg.work) / name))
     return train.run(t)
 
 

@@ -43,7 +43,6 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
     all); returns the output path. Weights are read into their shards and the KV cache is sharded like
     them (`sharding.py`); process 0 writes."""
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
     from jax_implicit import convert, decode, distributed, model, rules
     from jax_implicit.sharding import Sharder

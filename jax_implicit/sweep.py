@@ -12,6 +12,7 @@ that `evaluate.tables` reads:
     results/<base>/<method>/outputs/<eval_set>.json                 base model, base x rules (no training)
     results/<base>/<method>_<E>ep/seed<N>/outputs/<eval_set>.json   tuned models
     results/<base>/<method>[_<E>ep]/seed<N>/<eval_set>/<judge>/result.json, ranking.json
+    results/<base>/<method>[_<E>ep]/seed<N>/safety/result.json      with `safety=True` (evaluate.safety)
 
 A step whose product file exists here, next to a record of the command that made it (`.<product>.step`,
 holding a hash of the command), is skipped, so running the same command again resumes an interrupted
@@ -125,6 +126,14 @@ def plan(cfg: ConfigDict) -> list[Step]:
             model__path=path, data=cfg.ranking_data, run__results=results, run__base=cfg.base,
             run__method=m, run__seed=seed), *shlex.split(cfg.extra.ranking)), seed_dir(m, seed) / layout.RANKING)
 
+    def refusals(m: str, seed: int, path: str, use_rules: bool = False, untrained: bool = False) -> list[Step]:
+        """The refusal evaluation, if asked for; an untrained model's replies are cached once for all seeds."""
+        shared = {"cache": results / cfg.base / m / "outputs"} if untrained else {}
+        return [Step("jax_implicit.evaluate.safety", ("--config=configs/eval/safety.py", *_overrides(
+            model__path=path, use_rules=use_rules, run__results=results, run__base=cfg.base, run__method=m,
+            run__seed=seed, **shared), *shlex.split(cfg.extra.safety)),
+            seed_dir(m, seed) / layout.SAFETY / layout.RESULT)] if cfg.safety else []
+
     def tuned(task: str, epochs: int, seed: int) -> list[Step]:
         m = layout.method(task, epochs)
         out = Path(cfg.runs) / Path(train_cfg[task, epochs, seed].train.out_dir).name
@@ -133,7 +142,7 @@ def plan(cfg: ConfigDict) -> list[Step]:
         train = Step("jax_implicit.train", (f"--config=configs/train/paper.py:{cfg.model},{task},{epochs},seed{seed}",
                                             *_overrides(train__out_dir=out, **path), *shlex.split(cfg.extra.train)),
                      hf / "config.json")  # written last, by the HF export
-        steps = [train, *generate(m, seed, str(hf), "no_rules"), ranked(m, seed, str(hf))]
+        steps = [train, *generate(m, seed, str(hf), "no_rules"), ranked(m, seed, str(hf)), *refusals(m, seed, str(hf))]
         is_reference = task == "instruction" and epochs == cfg.reference_epochs
         return steps if is_reference else steps + judged(m, seed, seed)
 
@@ -146,6 +155,8 @@ def plan(cfg: ConfigDict) -> list[Step]:
         m = layout.rules_method(variant)
         steps += generate(m, None, model_path, variant)
         steps += [s for seed in cfg.seeds for s in judged(m, seed, None)]
+        if variant in ("no_rules", ""):
+            steps += [s for seed in cfg.seeds for s in refusals(m, seed, model_path, variant == "", untrained=True)]
     steps += [ranked("base", seed, model_path) for seed in cfg.seeds]
     for task in cfg.tasks:
         for epochs in cfg.epochs:

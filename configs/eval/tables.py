@@ -37,5 +37,6 @@ def get_config(epochs: str = "10") -> ConfigDict:
                     rows=(("Base model", "base"), ("Base + rules", "rules"), ("- EOS rule", "rules_no_eos"),
                           ("- uniform token changes", "rules_no_uniform"), ("- diversity rule", "rules_no_diversity"))),
     ))
-    cfg.out = ""  # markdown file; default: <results>/tables.md
+    cfg.file = "tables.md"  # written into the results folder
+    cfg.out = ""  # another markdown file to write instead
     return cfg

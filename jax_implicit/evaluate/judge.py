@@ -38,6 +38,21 @@ def swap_outputs(template: str) -> str:
     return template.replace("{output_1}", "\0").replace("{output_2}", "{output_1}").replace("\0", "{output_2}")
 
 
+def chat_text(tokenizer, prompt: str) -> tuple[str, bool]:
+    """A judging prompt in the judge model's chat format (ChatML templates are split into messages), and
+    whether the tokenizer should add its special tokens to it (only when there is no chat template)."""
+    chat = prompt.strip().startswith("<|im_start|>")
+    messages = utils.prompt_to_chatml(prompt) if chat else [{"role": "user", "content": prompt}]
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    return generation_prompt("\n\n".join(m["content"] for m in messages)), True
+
+
+def encode(tokenizer, prompt: str) -> list[int]:
+    text, special = chat_text(tokenizer, prompt)
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
 class LocalJudge:
     """alpaca_eval `fn_completions`: takes (output_1 first, output_2 first) prompt pairs, returns JSON completions."""
 
@@ -50,20 +65,11 @@ class LocalJudge:
         self.keep = keep  # finished batches of judgements, kept across a killed run
         self.answer_ids = [self._answer_id(a) for a in answers]
 
-    def _text(self, prompt: str) -> tuple[str, bool]:
-        """The judging prompt in the judge model's chat format (ChatML templates are split into messages)."""
-        chat = prompt.strip().startswith("<|im_start|>")
-        messages = utils.prompt_to_chatml(prompt) if chat else [{"role": "user", "content": prompt}]
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
-        return generation_prompt("\n\n".join(m["content"] for m in messages)), True
-
     def encode(self, prompt: str) -> list[int]:
-        text, special = self._text(prompt)
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        return encode(self.tokenizer, prompt)
 
     def _answer_id(self, answer: str) -> int:
-        text, special = self._text("<|im_start|>user\nWhich one?<|im_end|>")
+        text, special = chat_text(self.tokenizer, "<|im_start|>user\nWhich one?<|im_end|>")
         probe = self.encode("<|im_start|>user\nWhich one?<|im_end|>")
         ids = list(self.tokenizer(text + answer, add_special_tokens=special)["input_ids"])
         if ids[:len(probe)] != probe or len(ids) != len(probe) + 1:

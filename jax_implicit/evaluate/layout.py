@@ -4,6 +4,8 @@
         <eval_set>/<judge>/result.json    head-to-head summary (alpaca.py), next to alpaca_eval's own
                                           leaderboard.csv, annotations.json and the judge's config
         ranking.json                      response-ranking capability (ranking.py)
+        safety/result.json                refusal evaluation (safety.py), with responses.json, table.md and
+                                          refusal_rates.png
 
 `base` names the base model (e.g. `llama2-7b`, `olmo-7b`, `smollm2-135m`), `method` the decoding
 variant of the untrained model (`base`, `rules`, `rules_no_eos`, ...: `rules_method`) or a tuned
@@ -18,6 +20,7 @@ from pathlib import Path
 
 RESULT = "result.json"
 RANKING = "ranking.json"
+SAFETY = "safety"
 LIMA_TASKS = ("instruction", "response")
 
 

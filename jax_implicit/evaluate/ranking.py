@@ -13,7 +13,6 @@ prompt + response + EOS in one string, with the first len(tokenize(prompt)) toke
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 

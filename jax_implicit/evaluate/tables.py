@@ -56,6 +56,14 @@ def cell(rows: list[dict], kind: str, seeds: int) -> tuple[str, set[str]]:
         values = [r["length_controlled_winrate"] for r in rows]
     else:
         values, notes = [r["win_rate"] for r in rows], {RAW}
+    return formatted(values, seeds, notes)
+
+
+def formatted(values: list[float], seeds: int, notes: set[str] = frozenset()) -> tuple[str, set[str]]:
+    """Mean ± std over seeds, saying when fewer seeds than expected are in; MISSING when none is."""
+    if not values:
+        return MISSING, {MISSING}
+    notes = set(notes)
     mean, std = aggregate(values)
     text = f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
     if len(values) < seeds:
@@ -91,20 +99,49 @@ def _names(references: set[str]) -> str:
     return ", ".join(f"`{r}`" for r in sorted(references)) or "the reference named in each result.json"
 
 
+def safety_table(cfg, spec) -> tuple[str, set[str], dict]:
+    """Refusal evaluation of one base model (`spec.base`): rows of methods, a column per headline rate (%)."""
+    file = str(Path(layout.SAFETY) / layout.RESULT)
+    lines = [f"### {spec.title}", "", "| | " + " | ".join(spec.columns) + " |", "|---|" + "---|" * len(spec.columns)]
+    notes, read = set(), dict(judges=set(), references=set(), files=0, missing=[])
+    for row_label, method in spec.rows:
+        rows = [r for r in seed_results(Path(cfg.results), spec.base, method, file) if spec.classifier in r["headline"]]
+        read["files"] += len(rows)
+        if not rows:
+            read["missing"].append(why_missing(Path(cfg.results), spec.base, method, file))
+        cells = []
+        for column in spec.columns:
+            text, marks = formatted([100 * r["headline"][spec.classifier][column] for r in rows
+                                     if column in r["headline"][spec.classifier]], cfg.seeds)
+            cells.append(text)
+            notes |= marks
+        read["judges"] |= {r["judge"] for r in rows if spec.classifier == "judge" and r.get("judge")}
+        lines.append(f"| {row_label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), notes, read
+
+
+KINDS = {"head_to_head": table, "ranking": table, "safety": safety_table}
+
+
 def report(cfg) -> str:
     for name, spec in cfg.tables.items():
-        if spec.kind not in ("head_to_head", "ranking"):
-            raise ValueError(f"tables.{name}.kind={spec.kind!r}; expected 'head_to_head' or 'ranking'")
+        if spec.kind not in KINDS:
+            raise ValueError(f"tables.{name}.kind={spec.kind!r}; expected one of {sorted(KINDS)}")
     if not Path(cfg.results).is_dir():
         raise FileNotFoundError(f"results folder {cfg.results} does not exist")
     parts, notes, read = [], set(), dict(judges=set(), references=set(), files=0, missing=[])
     for _, spec in cfg.tables.items():
-        text, marks, used = table(cfg, spec)
+        text, marks, used = KINDS[spec.kind](cfg, spec)
         parts.append(text)
         notes |= marks
         read = {k: read[k] + v if isinstance(v, (int, list)) else read[k] | v for k, v in used.items()}
-    foot = [f"Head-to-head cells: {cfg.eval_set} length-controlled win rate (%) against {_names(read['references'])} (raw where "
-            f"marked {RAW}), mean ± standard deviation over seeds; judge folder `{cfg.judge}`."]
+    kinds = {spec.kind for spec in cfg.tables.values()}
+    foot = [f"Head-to-head cells: {cfg.eval_set} length-controlled win rate (%) against {_names(read['references'])} "
+            f"(raw where marked {RAW}), mean ± standard deviation over seeds; judge folder `{cfg.judge}`."
+            ] if "head_to_head" in kinds else []
+    foot += [f"Refusal cells: % of the benchmark's items (Response Tuning's metrics: refused for AdvBench, HarmBench "
+             "and MaliciousInstruct; XSTest as named), classifier as the title says, mean ± standard deviation "
+             "over seeds."] if "safety" in kinds else []
     foot += [f"Judge: {j}." for j in sorted(read["judges"])]
     if RAW in notes:
         foot.append(f"{RAW} raw win rate: the length-controlled one is missing for at least one seed "
@@ -119,7 +156,7 @@ def report(cfg) -> str:
 
 def run(cfg) -> str:
     text = report(cfg)
-    out = io.write_atomic(Path(cfg.out or Path(cfg.results) / "tables.md"), text)
+    out = io.write_atomic(Path(cfg.out or Path(cfg.results) / cfg.file), text)
     return f"{text}\nwrote {out}"
 
 
