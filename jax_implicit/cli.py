@@ -225,9 +225,18 @@ def parse(argv: list[str], default_config: str | None, extra: dict | None = None
 
 def quiet() -> None:
     """No chatter on every run: the pkg_resources deprecation (alpaca_eval's setuptools) and the log lines
-    about accelerator backends that are absent (plugins installed for other machines, e.g. libtpu)."""
+    about accelerator backends that are absent. libtpu (installed for the compile check) prints warnings
+    from C++ whenever JAX starts its TPU backend on a machine without a TPU, so on a machine with neither a
+    TPU nor an NVIDIA device, JAX runs on the CPU alone unless $JAX_PLATFORMS says otherwise."""
+    import glob
     import logging
     import warnings
+
+    if not os.environ.get("JAX_PLATFORMS") and not glob.glob("/dev/accel*") + glob.glob("/dev/vfio/*") + \
+            glob.glob("/dev/nvidia[0-9]*"):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        if "jax" in sys.modules:  # imported but not yet started: its backends start on first use
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
 
     warnings.filterwarnings("ignore", message=r".*pkg_resources is deprecated.*")
     for name in ("jax._src.xla_bridge", "absl"):

@@ -7,10 +7,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from jax_implicit import io
+from jax_implicit import datasets, io
 from jax_implicit.evaluate import refusal, safety
 
-CONFIG = io.REPO_DATA.parent / "configs/eval/safety.py"
+CONFIG = datasets.REPO_DATA.parent / "configs/eval/safety.py"
 
 
 def config(tmp_path, model="unused", **kw):
@@ -32,7 +32,7 @@ def test_tiny_model_end_to_end_with_local_judge(tiny_long_context, tmp_path, mon
     assert [(r["benchmark"], r["subset"]) for r in rows] == [
         ("advbench", ""), ("harmbench", "standard"), ("harmbench", "contextual"), ("malicious_instruct", ""),
         ("xstest", "")]
-    strings = refusal.prefixes(cfg.prefixes, io.REPO_DATA / "safety/refusal_prefixes.json")
+    strings = refusal.prefixes(cfg.prefixes, datasets.path("refusal_prefixes"))
     assert [r["prefix_label"] for r in rows] == [refusal.prefix_label(r["response"], strings) for r in rows]
     assert [r["judge_label"] for r in rows] == [refusal.parse_judgement(r["judge_output"]) for r in rows]
     assert all(r["response"] and r["judge_output"] for r in rows)
