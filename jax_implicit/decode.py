@@ -142,11 +142,25 @@ def generate(decoder: M.Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int
         cache = M.KVCache.init(cfg, ids.shape[0], slots)
     elif cache.k.shape[2] != slots:
         raise ValueError(f"cache has {cache.k.shape[2]} slots; this batch needs {slots}")
+    rows = _global_rows(cache) if jax.process_count() > 1 else jnp.asarray
     tokens, lengths, _ = _generate_jit(
-        decoder, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(seen), cache, rules,
+        decoder, rows(ids.astype(np.int32)), rows(mask), rows(seen), cache, rules,
         jnp.asarray(list(eos_ids), jnp.int32).reshape(-1), jnp.float32(temperature), jnp.float32(top_p),
         key if temperature > 0 else None, max_new_tokens=max_new_tokens)
+    if jax.process_count() > 1:  # every process gets every row back
+        from jax.experimental import multihost_utils
+
+        tokens, lengths = multihost_utils.process_allgather((tokens, lengths), tiled=True)
     return tokens, lengths
+
+
+def _global_rows(cache: M.KVCache) -> Callable[[np.ndarray], jax.Array]:
+    """Multi-host: a (batch, ...) host array that every process holds whole, as a global array split by rows
+    like the cache's batch axis."""
+    spec = cache.k.sharding.spec
+    sharding = jax.sharding.NamedSharding(cache.k.sharding.mesh,
+                                          jax.sharding.PartitionSpec(spec[1] if len(spec) > 1 else None))
+    return lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 # ----------------------------------------------------------------------------- text in, text out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from absl import logging
@@ -47,6 +48,10 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
     from jax_implicit import convert, decode, distributed, model, rules
     from jax_implicit.sharding import Sharder
 
+    import jax
+
+    if not jax.distributed.is_initialized():
+        distributed.initialize()  # multi-host (from the environment); a no-op on one host
     if cfg.use_rules:
         rules.validate(cfg.rules)
     d = cfg.decode
@@ -61,14 +66,16 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
     except ValueError as err:
         raise ValueError(f"{cfg.data.instructions}: {err}") from None
     generator, output = names(cfg)
-    with runlock.hold(runlock.beside(output), f"output {output}"):  # also: the folder is writable, before the model
+    lock = runlock.hold(runlock.beside(output), f"output {output}") if distributed.is_writer() else nullcontext()
+    with lock:  # the writer's lock also proves the folder writable, before the model loads
         keep = partial.Partial(partial.path_for(output), dict(config=json.loads(cfg.to_json_best_effort()),
                                                               rows=rows, weights=partial.stamp(path)))
         sh = Sharder.from_config(cfg.mesh, devices)
         decoder = sh.load_hf(path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
         tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
 
-        bar = tqdm(total=len(rows), initial=len(keep.items), unit="ins", desc=generator)
+        bar = tqdm(total=len(rows), initial=len(keep.items), unit="ins", desc=generator,
+                   disable=not distributed.is_writer())
         start, produced = time.perf_counter(), 0
 
         def progress(batch: dict[int, str], new_tokens: int) -> None:

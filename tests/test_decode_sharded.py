@@ -1,6 +1,11 @@
 """The compiled decoder with the three rules, run on device meshes, gives the single-device tokens."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -74,3 +79,24 @@ def test_generate_command_on_mesh_equals_one_device(generate_config, one_device_
     cfg.mesh.update(dict(zip(("data", "fsdp", "tensor"), shape)), rules=rules)
     cfg.output = str(tmp_path / "out.json")
     assert json.loads(generate.run(cfg).read_text()) == one_device_outputs
+
+
+def test_generate_command_in_two_processes_equals_one_device(generate_config, one_device_outputs, tmp_path):
+    """`python -m jax_implicit.generate` as two jax.distributed processes of 4 CPU devices each on (2, 2, 2):
+    global prompt arrays split by rows, every process gathers the tokens, process 0 alone writes."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    c, out = generate_config, tmp_path / "two.json"
+    args = [f"--config.model.path={c.model.path}", f"--config.data.instructions={c.data.instructions}",
+            f"--config.decode.max_new_tokens={c.decode.max_new_tokens}", f"--config.decode.batch_size={c.decode.batch_size}",
+            f"--config.decode.bucket={c.decode.bucket}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+            "--config.mesh.tensor=2", "--config.mesh.rules=fsdp_tp", f"--config.output={out}"]
+    env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-m", "jax_implicit.generate", *args], cwd=Path(__file__).parents[1],
+                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    for p, (_, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
+        assert p.returncode == 0, err[-3000:]
+    assert json.loads(out.read_text()) == one_device_outputs
