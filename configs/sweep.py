@@ -37,6 +37,7 @@ def get_config(model: str = "llama2_7b") -> ConfigDict:
     # the base model and the base model x rules
     c.safety = False
     c.launcher = "gpu_host"  # gpu_host, tpu_pod or slurm (launch/); evaluation runs as one process on it
+    c.target = ""  # accelerator for the chip-hours estimate (jax_implicit.plan.HARDWARE); "": by launcher
     c.launcher_args = ""  # the launcher's own options, e.g. "--name=my-v4-32 --zone=us-central2-b"
     c.setup = False  # True: the first step installs the project on the launcher's machines
     c.runs = "checkpoints/runs"  # training runs (orbax checkpoints + HF export)

@@ -38,6 +38,8 @@ from jax_implicit.evaluate import alpaca, layout
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMA_ROWS = 1030  # training examples per epoch, at most (LIMA; the single-task sets use 1000)
+ROWS = {"instruction": LIMA_ROWS, "response": LIMA_ROWS}  # per tuning task; the single-task sets: 1000
+TARGETS = {"gpu_host": "gpu-8x80gb", "slurm": "gpu-8x80gb", "tpu_pod": "tpu-v5p-8"}  # chip-hours by launcher
 EVAL_ROWS = {"val": 56, "alpaca_eval": 805}  # instructions per evaluation set
 LAUNCHERS = {"gpu_host": "launch/gpu_host.sh", "tpu_pod": "launch/tpu_pod.sh", "slurm": "launch/slurm.sbatch"}
 
@@ -182,19 +184,37 @@ def tables_command(cfg: ConfigDict) -> str:
 
 def estimate(cfg: ConfigDict, steps: list[Step]) -> str:
     """What the steps are, by command, and a rough upper bound of their compute: 6 N T FLOPs per training
-    (every example at max_seq_length) and 2 N T per decoded instruction (prompt + max_new_tokens)."""
+    (every example at max_seq_length) and 2 N T per decoded instruction (prompt + max_new_tokens); and the
+    trainings' chip-hours on `cfg.target` at the planner's roofline step time (the paper's batch of 64
+    sequences of max_seq_length, the 7B configs' remat and precision)."""
+    from jax_implicit import memory
     from jax_implicit import plan as planner
 
     counts = collections.Counter(s.module.rsplit(".", 1)[-1] for s in steps)
     paper = io.load_config_file(ROOT / "configs" / "train" / "paper.py", f"{cfg.model},instruction")
-    params = planner.param_count(planner.model_config(paper.model.path, "float32", "float32"))
+    model_cfg = planner.model_config(paper.model.path, paper.model.param_dtype, paper.model.dtype)
+    params = planner.param_count(model_cfg)
+    target = cfg.target or TARGETS[cfg.launcher]
+    seconds, _ = planner.roofline(model_cfg.replace(**memory.options(paper.model)), params, target,
+                                  paper.train.micro_batch, paper.data.max_seq_length, paper.train.global_batch)
+    optimizer_steps = sum(-(-ROWS.get(_task(s), 1000) // paper.train.global_batch) * int(_flag(s, "epochs", "10"))
+                          for s in steps if s.module.endswith(".train"))
+    chip_hours = optimizer_steps * seconds * planner.hardware_spec(target).chip_count / 3600
     decode_cfg = io.load_config_file(ROOT / "configs" / "generate.py").decode
     train_flops = sum(6 * params * LIMA_ROWS * int(_flag(s, "epochs", "10")) * paper.data.max_seq_length
                       for s in steps if s.module.endswith(".train"))
     decode_flops = sum(2 * params * EVAL_ROWS.get(_flag(s, "data.instructions", ""), 0) * (256 + decode_cfg.max_new_tokens)
                        for s in steps if s.module.endswith(".generate"))
     return (", ".join(f"{n} {name}" for name, n in counts.items()) + f"; at most {train_flops / 1e18:.1f} EFLOP of "
-            f"training and {decode_flops / 1e18:.2f} EFLOP of decoding ({params / 1e9:.2f} B parameters)")
+            f"training and {decode_flops / 1e18:.2f} EFLOP of decoding ({params / 1e9:.2f} B parameters); "
+            f"training: {optimizer_steps} optimizer steps, ~{chip_hours:.0f} chip-hours on {target} at the roofline "
+            f"({seconds:.2f} s per step)")
+
+
+def _task(step: Step) -> str:
+    """The tuning task in a paper.py config string (`llama2_7b,response,10,seed1` -> `response`)."""
+    spec = next(a for a in step.args if a.startswith("--config=configs/train/paper.py:"))
+    return spec.split(":", 1)[1].split(",")[1]
 
 
 def _flag(step: Step, key: str, default: str) -> str:
