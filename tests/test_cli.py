@@ -25,6 +25,8 @@ COMMANDS = {
     "evaluate.ranking": ("", "--config.k=5", "kk", "k"),
     "evaluate.similarity": ("", "--config.lima='lima'", "lmia", "lima"),
     "evaluate.tables": ("", "--config.eval_set='alpaca_eval'", "eval_st", "eval_set"),
+    "evaluate.safety": ("", "--config.decode.max_new_tokens=512", "decode.max_new_token", "decode.max_new_tokens"),
+    "safety_demo": ("", "--config.limit=6", "limt", "limit"),
 }
 
 
