@@ -113,7 +113,8 @@ def check_config(cfg: ConfigDict) -> None:
         (cfg.model.remat in memory.REMAT_POLICIES,
          f"model.remat={cfg.model.remat!r}; expected one of {tuple(memory.REMAT_POLICIES)}"),
         (cfg.model.loss_chunk >= 0, f"model.loss_chunk={cfg.model.loss_chunk} must be >= 0 (0: no chunking)"),
-        (not memory.precision_error(cfg.model), memory.precision_error(cfg.model)),
+        # LoRA freezes the base weights (bfloat16 is fine there) and keeps its adapters in float32
+        (cfg.lora.rank > 0 or not memory.precision_error(cfg.model), memory.precision_error(cfg.model)),
     ]
     for ok, message in checks:
         if not ok:

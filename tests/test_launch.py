@@ -109,7 +109,7 @@ def test_launch_help_and_dry_runs_that_check_the_command_here(script):
         (["--config=configs/train/paper.py:llama2_7b,respnse"], "not understood: ['respnse']"),
         (["--config=configs/train/paper.py:llama2_7b,response", "--config.train.epoch=3"],
          "unknown setting 'train.epoch'; close matches: train.epochs"),
-        (["--config=configs/train/paper.py:llama2_7b,response", "--config.optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+        (["--config=configs/train/paper.py:llama2_7b,response", "--config.optim.lr=-1"], "optim.lr=-1.0 must be finite and > 0"),
         (["--module=jax_implicit.generate", "--config=configs/generate.py", "--config.decode.max_new_token=9"],
          "close matches: decode.max_new_tokens"),
     ]:
