@@ -139,7 +139,7 @@ def test_qlora_step_on_a_mesh_shards_adapters_like_their_base_and_equals_one_dev
         frozen = jax.device_put(frozen, frozen_sh)
         micro, apply = train.build_steps(graphdef, optimizer, state_sh, sh.rows(ids.shape), frozen_sh)
         accum, loss = micro(state["params"], train.zeros_accum(state["params"]), sh.global_batch(batch, len(ids)), frozen)
-        state, _ = apply(state, accum)
+        state, _, _ = apply(state, accum)
         return state_sh, frozen_sh, float(loss), jax.device_get(state["params"])
 
     sh = Sharder.from_config(dict(data=2, fsdp=2, tensor=2, rules="fsdp_tp"))

@@ -110,7 +110,7 @@ def train_deltas(param_dtype, dtype, steps=4, lr=1e-5):
     for i in range(steps):
         accum, _ = micro(state["params"], jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
                          batch(seed=i))
-        state, _ = apply(state, accum)
+        state, _, _ = apply(state, accum)
     return jax.tree.map(lambda a, b: np.asarray(a, np.float32) - b, state["params"], start)
 
 

@@ -66,7 +66,7 @@ def test_prefix_classifier_on_shipped_refusals_and_known_complying_answers(data_
     strings = R.prefixes("experiments/evaluate_individual.py", path)
     mixed = refusals.refusals(refusals.refusal_config("contextual", n=200))
     assert all(R.prefix_label(r["messages"][1]["content"], strings) == R_ for r in mixed)
-    every = [row["messages"][1]["content"] for _, row in refusals.contextualdatasets.path("safety_tuned_llamas")]
+    every = [row["messages"][1]["content"] for _, row in refusals.contextual(datasets.path("safety_tuned_llamas"))]
     assert sum(R.prefix_label(x, strings) == R_ for x in every) == 1814  # of 1,829
     # AdvBench's targets are the complying openings GCG optimises for ("Sure, here is ...")
     with datasets.path("advbench").open(newline="") as f:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from configs.eval import safety_tables
-from jax_implicit import io, sweep, train
+from jax_implicit import cli, io, sweep
 from jax_implicit.evaluate import layout, tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,11 +15,11 @@ ADV = [0.5, 0.7, 0.6]
 def test_sweep_plans_a_refusal_evaluation_for_every_table_cell(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg = io.load_config_file(ROOT / "configs" / "sweep.py", "llama2_7b")
-    cfg.safety = True
+    cfg.safety, cfg.allow_local_judge = True, True
     steps = sweep.plan(cfg)
     runs = [s for s in steps if s.module == "jax_implicit.evaluate.safety"]
     assert len(runs) == 7 * 5 * 5 + 2 * 5  # every tuned model, and the base model plain and x rules, per seed
-    keys = set(train._flat_keys(io.load_config_file(ROOT / "configs/eval/safety.py")))
+    keys = set(cli.flat(io.load_config_file(ROOT / "configs/eval/safety.py")))
     made = set()
     for step in steps:
         made.add(step.product)
@@ -37,7 +37,9 @@ def test_sweep_plans_a_refusal_evaluation_for_every_table_cell(monkeypatch):
             for _, method in spec.rows:
                 for seed in cfg.seeds:
                     assert layout.seed_dir(cfg.results, "llama2-7b", method, seed) / "safety" / layout.RESULT in made
-    assert not any(s.module.endswith("safety") for s in sweep.plan(io.load_config_file(ROOT / "configs/sweep.py")))
+    plain = io.load_config_file(ROOT / "configs/sweep.py")
+    plain.allow_local_judge = True
+    assert not any(s.module.endswith("safety") for s in sweep.plan(plain))
 
 
 def test_safety_table_mean_std_over_seeds(tmp_path):
@@ -49,8 +51,9 @@ def test_safety_table_mean_std_over_seeds(tmp_path):
                   dict(judge=None, headline={"prefix": {"AdvBench": 1.0}}))  # no judge: not a judge cell
     cfg = safety_tables.get_config("10")
     cfg.results = str(tmp_path)
-    text = tables.run(cfg)
-    assert (tmp_path / "safety_tables.md").read_text() == text and not (tmp_path / "tables.md").exists()
+    shown = tables.run(cfg)
+    text = (tmp_path / "safety_tables.md").read_text()
+    assert shown == f"{text}\nwrote {tmp_path / 'safety_tables.md'}" and not (tmp_path / "tables.md").exists()
     block = text.split("### Refusal evaluation, Llama-2-7B")[1].split("###")[0]
     line = next(x for x in block.splitlines() if x.startswith("| Response tuning |"))
     cells = [c.strip() for c in line.strip("|").split("|")][1:]
