@@ -33,14 +33,14 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from jax_implicit import io
+from jax_implicit import datasets, io
 from jax_implicit.evaluate import alpaca, layout
 
 ROOT = Path(__file__).resolve().parents[1]
-LIMA_ROWS = 1030  # training examples per epoch, at most (LIMA; the single-task sets use 1000)
+LIMA_ROWS = datasets.CATALOG["lima"].rows  # training examples per epoch, at most (the single-task sets use 1000)
 ROWS = {"instruction": LIMA_ROWS, "response": LIMA_ROWS}  # per tuning task; the single-task sets: 1000
 TARGETS = {"gpu_host": "gpu-8x80gb", "slurm": "gpu-8x80gb", "tpu_pod": "tpu-v5p-8"}  # chip-hours by launcher
-EVAL_ROWS = {"val": 56, "alpaca_eval": 805}  # instructions per evaluation set
+EVAL_ROWS = {name: datasets.CATALOG[name].rows for name in ("val", "alpaca_eval")}  # instructions per set
 LAUNCHERS = {"gpu_host": "launch/gpu_host.sh", "tpu_pod": "launch/tpu_pod.sh", "slurm": "launch/slurm.sbatch"}
 
 
