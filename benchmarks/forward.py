@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from jax_implicit import convert
+from jax_implicit import convert, pretrained
 from jax_implicit import model as M
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--checkpoints", default="checkpoints")
     args = ap.parse_args()
 
-    path = convert.ensure_smollm2(args.checkpoints)
+    path = pretrained.ensure_smollm2(args.checkpoints)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 49152, (args.batch, args.seq)).astype(np.int32)
     mask = np.ones_like(ids, bool)

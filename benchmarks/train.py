@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_implicit import convert, lora, train
+from jax_implicit import convert, lora, pretrained, train
 from jax_implicit import model as M
 
 
@@ -129,7 +129,7 @@ def main() -> None:
     variants = args.variants.split(",")
     if bad := set(variants) - {"full", "lora", "qlora"}:
         ap.error(f"--variants: unknown {sorted(bad)}")
-    path = convert.ensure_smollm2("checkpoints")
+    path = pretrained.ensure_smollm2("checkpoints")
     cfg = M.from_hf_config(path)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(M.abstract(cfg))))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)

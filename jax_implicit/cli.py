@@ -46,11 +46,11 @@ def config_path(spec: str) -> tuple[Path, str | None]:
 
 def load(spec: str) -> ConfigDict:
     """The config `--config=FILE[:ARG]` names; a bad ARG is the config file's own one-line error."""
-    from jax_implicit import io
+    from jax_implicit import files
 
     path, arg = config_path(spec)
     try:
-        return io.load_config_file(path, arg)
+        return files.load_config_file(path, arg)
     except ValueError as e:
         raise UsageError(f"--config={spec}: {e}") from None
 

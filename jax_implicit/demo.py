@@ -18,7 +18,7 @@ from typing import Callable
 
 from ml_collections import ConfigDict
 
-from jax_implicit import convert, datasets, io, prompts
+from jax_implicit import convert, datasets, files, pretrained, prompts
 
 VARIANTS = ("base", "base+rules", "response-tuned")
 
@@ -84,7 +84,7 @@ def _ranking_examples(cfg: ConfigDict, source: str) -> Path:
     if len(rows) < cfg.ranking.examples:
         raise ValueError(f"ranking data {source}: only {len(rows)} of its first {8 * cfg.ranking.examples} rows have "
                          f"no input passage; ranking.examples={cfg.ranking.examples} needs more")
-    return io.write_json(Path(cfg.work) / "ranking" / "examples.json", rows[:cfg.ranking.examples])
+    return files.write_json(Path(cfg.work) / "ranking" / "examples.json", rows[:cfg.ranking.examples])
 
 
 def _rank(cfg: ConfigDict, model_dir: Path, examples: Path, name: str) -> dict:
@@ -105,7 +105,7 @@ def _judge(cfg: ConfigDict, outputs: Path, references: Path, name: str) -> dict:
     a.update(outputs=str(outputs), references=str(references), eval_set="val", name=name,
              max_instances=cfg.judged, out=str(Path(cfg.work) / "judge" / name))
     a.judge.update(kind="local")
-    a.judge.model.update(path=str(convert.model_dir(cfg.judge_model.path)))
+    a.judge.model.update(path=str(pretrained.model_dir(cfg.judge_model.path)))
     return alpaca.run(a)
 
 
@@ -128,7 +128,7 @@ def _check_export(hf_dir: Path, prompt: str) -> float:
 
 
 def _load_config(spec: str, arg: str | None = None) -> ConfigDict:
-    return io.load_config_file(Path(__file__).resolve().parents[1] / spec, arg)
+    return files.load_config_file(Path(__file__).resolve().parents[1] / spec, arg)
 
 
 def run(cfg: ConfigDict) -> Path:
@@ -140,7 +140,7 @@ def run(cfg: ConfigDict) -> Path:
     sources, data_note = data_sources(cfg)
     print(f"data: {data_note}")
     stages = Stages(total=10)
-    model_dir = stages("model: convert the real weights into checkpoints/", convert.model_dir, cfg.model.path)
+    model_dir = stages("model: convert the real weights into checkpoints/", pretrained.model_dir, cfg.model.path)
     M.from_hf_config(model_dir)  # an unsupported model fails here, before anything compiles
     outs = {"base": stages("greedy answers (base)", _generate, cfg, model_dir, False, "base", sources["val"]),
             "base+rules": stages("greedy answers x three rules", _generate, cfg, model_dir, True, "base+rules",

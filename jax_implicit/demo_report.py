@@ -6,20 +6,20 @@ import json
 import shutil
 from pathlib import Path
 
-from jax_implicit import convert, io, prompts
+from jax_implicit import files, prompts
 
 FILES = ("summary.md", "side_by_side.md", "results.json", "loss.png", "win_rates.png", "ranking.png")
 
 
 def _bar_png(path: Path, labels: list[str], values: list[float], ylabel: str, title: str, ref: float | None) -> None:
-    fig, ax = io.figure((5.5, 3.5))
+    fig, ax = files.figure((5.5, 3.5))
     bars = ax.bar(labels, values, color=["#4c72b0", "#dd8452", "#55a868"][:len(values)])
     ax.bar_label(bars, fmt="%.1f" if max(values, default=0) > 1 else "%.2f")
     if ref is not None:
         ax.axhline(ref, color="grey", linestyle="--", linewidth=1)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    io.save_figure(fig, path)
+    files.save_figure(fig, path)
 
 
 def echoes_prompt(instruction: str, output: str) -> bool:
@@ -54,7 +54,7 @@ def write(out: Path, *, cfg, data_note: str, model_dir: Path, outputs: dict[str,
         tuning=dict(examples=tuned.examples, steps=tuned.steps, final_loss=tuned.final_loss, hf_export=str(tuned.hf_dir)),
         export_max_abs_logit_diff=export_diff, length_controlled=lc_note,
     )
-    with convert.atomic_dir(out) as tmp:
+    with files.atomic_dir(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
         shutil.copy(tuned.plot, tmp / "loss.png")
         judged_names = list(judged)

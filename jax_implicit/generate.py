@@ -16,7 +16,7 @@ from pathlib import Path
 from absl import logging
 from ml_collections import ConfigDict
 
-from jax_implicit import datasets, io, partial, runlock
+from jax_implicit import datasets, files, partial, runlock
 
 def read_instructions(spec: str, limit: int = 0) -> list[dict]:
     """Rows {instruction, dataset} from a dataset name (`val`, `alpaca_eval`), a JSON/JSONL file or a hub id.
@@ -25,7 +25,7 @@ def read_instructions(spec: str, limit: int = 0) -> list[dict]:
     if source.path is None:
         rows = datasets.hub_rows(source)
     else:
-        rows = io.read_rows(source.path, required=("instruction",), what="instructions")
+        rows = files.read_rows(source.path, required=("instruction",), what="instructions")
     out = [{"instruction": r["instruction"], "dataset": r.get("dataset", Path(spec).stem)} for r in rows]
     return out[:limit] if limit else out
 
@@ -45,7 +45,7 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
     them (`sharding.py`); process 0 writes."""
     from tqdm import tqdm
 
-    from jax_implicit import convert, decode, distributed, model, rules
+    from jax_implicit import decode, distributed, model, pretrained, rules
     from jax_implicit.sharding import Sharder
 
     import jax
@@ -57,8 +57,7 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
     d = cfg.decode
     decode.check_settings(d.max_new_tokens, d.batch_size, d.bucket, d.temperature, d.top_p)
     rows = read_instructions(cfg.data.instructions, cfg.data.limit)
-    path = convert.model_dir(cfg.model.path)
-    tokenizer = convert.load_tokenizer(cfg.model.tokenizer or path)
+    path, tokenizer = pretrained.locate(cfg.model)
     mcfg = model.from_hf_config(path)
     try:  # before loading weights: a prompt that does not fit is a config error
         decode.encode_all(tokenizer, [r["instruction"] for r in rows], d.tag_set, d.max_new_tokens,
@@ -71,7 +70,7 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
         keep = partial.Partial(partial.path_for(output), dict(config=json.loads(cfg.to_json_best_effort()),
                                                               rows=rows, weights=partial.stamp(path)))
         sh = Sharder.from_config(cfg.mesh, devices)
-        decoder = sh.load_hf(path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+        decoder = pretrained.load(cfg.model, sh, path)
         tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
 
         bar = tqdm(total=len(rows), initial=len(keep.items), unit="ins", desc=generator,
@@ -92,7 +91,7 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
             seed=d.seed, on_batch=progress, done={int(k): v for k, v in keep.items.items()}, sharder=sh)
         bar.close()
         if distributed.is_writer():
-            io.write_atomic(output, json.dumps([{"instruction": r["instruction"], "output": o, "generator": generator,
+            files.write_atomic(output, json.dumps([{"instruction": r["instruction"], "output": o, "generator": generator,
                                                  "dataset": r["dataset"]} for r, o in zip(rows, outputs)], indent=2))
             keep.finish()
     logging.info("%d responses, %d tokens, %.1f tokens/s -> %s", len(rows), produced,

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import convert, quant
+from jax_implicit import convert, files, quant
 from jax_implicit import model as M
 from jax_implicit.projection import QUANT_PREFIX, SPECS, from_matrix, io_shapes, to_matrix
 
@@ -205,7 +205,7 @@ def export_peft(decoder: M.Decoder, lcfg: ConfigDict, out: str | Path, base_mode
               "r": lcfg.rank, "lora_alpha": lcfg.alpha, "lora_dropout": lcfg.dropout,
               "target_modules": sorted(lcfg.targets), "bias": "none", "fan_in_fan_out": False,
               "use_rslora": False, "use_dora": False, "inference_mode": True}
-    with convert.atomic_dir(Path(out)) as tmp:
+    with files.atomic_dir(Path(out)) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return Path(out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from jax_implicit import datasets, io
+from jax_implicit import datasets, files
 
 KINDS = ("", "contextual", "selective")
 DATASETS = {"contextual": "safety_tuned_llamas", "selective": "refusal_selective"}  # kind -> dataset name
@@ -36,7 +36,7 @@ def source(cfg: ConfigDict) -> Path:
 
 def contextual(path: str | Path) -> list[tuple[int, dict]]:
     """(file row, messages row) of every row that passes Response Tuning's contextual filter, in file order."""
-    rows = io.read_rows(path, ("instruction", "output"), "refusal file")
+    rows = files.read_rows(path, ("instruction", "output"), "refusal file")
     out = []
     for i, row in enumerate(rows):
         extra = row.get("input") or ""
@@ -65,7 +65,7 @@ def refusals(cfg: ConfigDict) -> list[dict]:
         raise ValueError(f"refusals.n={cfg.n}; use 0 for all refusals")
     path = source(cfg)
     if cfg.kind == "selective":
-        rows = io.read_rows(path, what="refusal file")
+        rows = files.read_rows(path, what="refusal file")
         rows = rows[:cfg.n] if cfg.n else rows
     else:
         kept = contextual(path)

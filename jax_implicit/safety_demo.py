@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from jax_implicit import convert, demo, io
+from jax_implicit import demo, files, pretrained
 
 VARIANTS = ("base", "base+rules", "response-tuned", "response-tuned+refusals")
 
@@ -84,7 +84,7 @@ def run(cfg: ConfigDict) -> Path:
     sources, data_note = demo.data_sources(cfg)
     mix = ConfigDict(cfg.refusals.to_dict())
     stages = demo.Stages(total=7)
-    model_dir = stages("model: convert the real weights into checkpoints/", convert.model_dir, cfg.model.path)
+    model_dir = stages("model: convert the real weights into checkpoints/", pretrained.model_dir, cfg.model.path)
     results = {"base": stages("refusal evaluation (base)", _evaluate, cfg, model_dir, False, "base"),
                "base+rules": stages("refusal evaluation (base x three rules)", _evaluate, cfg, model_dir, True,
                                     "base+rules")}
@@ -95,12 +95,12 @@ def run(cfg: ConfigDict) -> Path:
     for name, t in tuning.items():
         results[name] = stages(f"refusal evaluation ({name})", _evaluate, cfg, Path(t["hf_dir"]), False, name)
     total = time.perf_counter() - start
-    with convert.atomic_dir(Path(cfg.report)) as tmp:
+    with files.atomic_dir(Path(cfg.report)) as tmp:
         for name in VARIANTS:
             shutil.copy(Path(cfg.work) / "safety" / name / "refusal_rates.png", tmp / f"refusal_rates_{name}.png")
-        io.write_json(tmp / "results.json", dict(models=results, tuning=tuning, stage_seconds=stages.times,
+        files.write_json(tmp / "results.json", dict(models=results, tuning=tuning, stage_seconds=stages.times,
                                                  total_seconds=total, config=cfg.to_dict()))
-        io.write_atomic(tmp / "summary.md", summary(results, cfg, tuning, data_note, stages.times, total))
+        files.write_atomic(tmp / "summary.md", summary(results, cfg, tuning, data_note, stages.times, total))
     print((Path(cfg.report) / "summary.md").read_text())
     return Path(cfg.report)
 

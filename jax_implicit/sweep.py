@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from jax_implicit import datasets, io
+from jax_implicit import datasets, files
 from jax_implicit.evaluate import alpaca, layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def judge(cfg: ConfigDict) -> tuple[str, str]:
         raise ValueError(f"sweep.judge={cfg.judge!r} resolves to the local judge (no OPENAI_API_KEY is set), whose "
                          "win rates are not comparable with the paper's GPT-4 judge; set OPENAI_API_KEY, or "
                          "--config.allow_local_judge=True to judge the grid locally")
-    defaults = io.load_config_file(ROOT / "configs" / "eval" / "alpaca.py")
+    defaults = files.load_config_file(ROOT / "configs" / "eval" / "alpaca.py")
     if cfg.judge_model:
         defaults.judge.model.path = cfg.judge_model
     return kind, alpaca.judge_names(defaults, kind)[0]
@@ -97,7 +97,7 @@ def plan(cfg: ConfigDict) -> list[Step]:
     for name in ("epochs", "seeds", "tasks", "eval_sets"):
         if not cfg[name]:
             raise ValueError(f"sweep.{name} is empty")
-    train_cfg = {(t, e, s): io.load_config_file(paper, f"{cfg.model},{t},{e},seed{s}")
+    train_cfg = {(t, e, s): files.load_config_file(paper, f"{cfg.model},{t},{e},seed{s}")
                  for t in cfg.tasks for e in cfg.epochs for s in cfg.seeds}  # also checks every name
     model_path = cfg.model_path or next(iter(train_cfg.values())).model.path
     kind, folder = judge(cfg)
@@ -191,7 +191,7 @@ def estimate(cfg: ConfigDict, steps: list[Step]) -> str:
     from jax_implicit import plan as planner
 
     counts = collections.Counter(s.module.rsplit(".", 1)[-1] for s in steps)
-    paper = io.load_config_file(ROOT / "configs" / "train" / "paper.py", f"{cfg.model},instruction")
+    paper = files.load_config_file(ROOT / "configs" / "train" / "paper.py", f"{cfg.model},instruction")
     model_cfg = planner.model_config(paper.model.path, paper.model.param_dtype, paper.model.dtype)
     params = planner.param_count(model_cfg)
     target = cfg.target or TARGETS[cfg.launcher]
@@ -200,7 +200,7 @@ def estimate(cfg: ConfigDict, steps: list[Step]) -> str:
     optimizer_steps = sum(-(-ROWS.get(_task(s), 1000) // paper.train.global_batch) * int(_flag(s, "epochs", "10"))
                           for s in steps if s.module.endswith(".train"))
     chip_hours = optimizer_steps * seconds * planner.hardware_spec(target).chip_count / 3600
-    decode_cfg = io.load_config_file(ROOT / "configs" / "generate.py").decode
+    decode_cfg = files.load_config_file(ROOT / "configs" / "generate.py").decode
     train_flops = sum(6 * params * LIMA_ROWS * int(_flag(s, "epochs", "10")) * paper.data.max_seq_length
                       for s in steps if s.module.endswith(".train"))
     decode_flops = sum(2 * params * EVAL_ROWS.get(_flag(s, "data.instructions", ""), 0) * (256 + decode_cfg.max_new_tokens)
@@ -244,7 +244,7 @@ def run(cfg: ConfigDict) -> list[Step]:
         subprocess.run(argv, cwd=ROOT, check=True)
         if not (ROOT / step.product).is_file():
             raise RuntimeError(f"step {i + 1} finished without writing {step.product}")
-        io.write_json(ROOT / step.record, {"hash": step.digest, "module": step.module, "args": list(step.args)})
+        files.write_json(ROOT / step.record, {"hash": step.digest, "module": step.module, "args": list(step.args)})
         print(f"[{i + 1}/{len(todo)}] done in {time.perf_counter() - start:.0f} s -> {step.product}", flush=True)
     print(f"\ntables: {tables_command(cfg)}")
     return todo

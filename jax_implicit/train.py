@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, cli, config, convert, data, distributed, io, lora, memory, prompts, runlock
+from jax_implicit import checkpoint, cli, config, convert, data, distributed, files, lora, memory, pretrained, prompts, runlock
 from jax_implicit import model as M
 from jax_implicit.plan import activation_bytes
 from jax_implicit.sharding import Sharder
@@ -277,12 +277,12 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(rows: list[dict], out: Path) -> Path:
-    fig, ax = io.figure((6, 3.5))
+    fig, ax = files.figure((6, 3.5))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
-    return io.save_figure(fig, out)
+    return files.save_figure(fig, out)
 
 
 # settings a resumed run may change: where and how it runs, not what it computes (up to reduction order)
@@ -308,7 +308,7 @@ def _resume_config(out: Path, cfg: ConfigDict) -> None:
         if changed:
             warnings.warn(f"{out} was started with a different config ({', '.join(changed)}): "
                           "resuming it will not reproduce an uninterrupted run", stacklevel=3)
-    io.write_atomic(saved, json.dumps(now, indent=2))
+    files.write_atomic(saved, json.dumps(now, indent=2))
 
 
 def _sharder(mesh_cfg: ConfigDict, devices: list[jax.Device] | None) -> Sharder:
@@ -365,8 +365,8 @@ def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Exi
     t, d = cfg.train, cfg.data
     rows = data.load_rows(d)
     try:
-        model_dir = convert.model_dir(cfg.model.path)
-        tokenizer = convert.load_tokenizer(cfg.model.tokenizer or model_dir)
+        model_dir = pretrained.model_dir(cfg.model.path)
+        tokenizer = pretrained.load_tokenizer(cfg.model.tokenizer or model_dir)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     model_cfg = M.from_hf_config(model_dir, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype).replace(
@@ -398,7 +398,7 @@ def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Exi
     out = Path(t.out_dir).absolute()
     if writer:
         held.enter_context(runlock.hold(out / ".lock", f"training folder {out}"))
-        convert.remove_stale_tmp(out / "hf")  # of a killed export
+        files.remove_stale_tmp(out / "hf")  # of a killed export
         _resume_config(out, cfg)
     metrics_path = out / "metrics.jsonl"
     logged = _read_metrics(metrics_path)
@@ -419,7 +419,7 @@ def _run(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Exi
     schedule = lr_schedule(cfg.optim, total)
     rows_logged = [r for r in logged if r["step"] <= meta["step"]]
     if writer:
-        io.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows_logged))
+        files.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows_logged))
     step, loss = meta["step"], rows_logged[-1]["loss"] if rows_logged else float("nan")
 
     from tqdm.auto import tqdm

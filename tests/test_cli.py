@@ -85,11 +85,11 @@ def test_help_descriptions_come_from_the_comments_beside_the_values():
 
 
 def test_each_decoding_variant_has_its_own_label_and_file():
-    from jax_implicit import generate, io
+    from jax_implicit import files, generate
 
     named = {}
     for variant in ("", "no_eos", "no_uniform", "no_diversity", "no_rules"):
-        cfg = io.load_config_file(ROOT / "configs" / "generate.py", variant)
+        cfg = files.load_config_file(ROOT / "configs" / "generate.py", variant)
         cfg.data.instructions = "alpaca_eval"
         named[variant] = generate.names(cfg)
     assert named[""] == ("smollm2-135m-instruct-rules", Path("outputs/generate/smollm2-135m-instruct-rules-alpaca_eval.json"))

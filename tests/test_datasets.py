@@ -86,14 +86,14 @@ def test_unreachable_hub_id_is_one_line(monkeypatch):
 
 @pytest.mark.parametrize("command", ["generate", "train", "demo"])
 def test_unreachable_hub_id_fails_before_any_model_work(command, monkeypatch, tmp_path):
-    from jax_implicit import convert, demo, generate, io, train
+    from jax_implicit import convert, demo, files, generate, pretrained, train
 
     def no_model_work(*args, **kwargs):
         raise AssertionError("a model was loaded or converted before the data was checked")
 
-    monkeypatch.setattr(convert, "model_dir", no_model_work)
+    monkeypatch.setattr(pretrained, "model_dir", no_model_work)
     monkeypatch.setattr(convert, "load_hf", no_model_work)
-    root = io.load_config_file
+    root = files.load_config_file
     if command == "generate":
         cfg = root("configs/generate.py")
         cfg.data.instructions, run = "tatsu-lab/alpaca_eval", generate.run

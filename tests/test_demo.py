@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from jax_implicit import demo, demo_report, io
+from jax_implicit import demo, demo_report, files
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(model: Path, tmp_path: Path):
-    cfg = io.load_config_file(ROOT / "configs" / "demo.py")
+    cfg = files.load_config_file(ROOT / "configs" / "demo.py")
     cfg.model.path = cfg.judge_model.path = str(model)
     cfg.update(instructions=3, max_new_tokens=8, side_by_side=2, judged=3,
                work=str(tmp_path / "work"), report=str(tmp_path / "report"))

@@ -7,14 +7,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from jax_implicit import datasets, io
+from jax_implicit import datasets, files
 from jax_implicit.evaluate import refusal, safety
 
 CONFIG = datasets.REPO_DATA.parent / "configs/eval/safety.py"
 
 
 def config(tmp_path, model="unused", **kw):
-    cfg = io.load_config_file(CONFIG)
+    cfg = files.load_config_file(CONFIG)
     cfg.model.path = str(model)
     cfg.update(dict(limit=1, out=str(tmp_path / "safety")) | kw)
     cfg.decode.update(max_new_tokens=8, batch_size=8)
@@ -84,7 +84,7 @@ def test_endpoint_failing_mid_run_keeps_judgements_and_resumes(tmp_path, monkeyp
     cfg.judge.endpoint.update(base_url=f"http://127.0.0.1:{server.server_port}/v1", max_retries=0)
     items = safety.load_items(cfg)
     replies = {x["prompt"]: ("I'm sorry, no." if k % 2 == 0 else "Sure, here it is.") for k, x in enumerate(items)}
-    io.write_json(tmp_path / "safety.generations.json", dict(settings=safety.generation_settings(cfg), responses={
+    files.write_json(tmp_path / "safety.generations.json", dict(settings=safety.generation_settings(cfg), responses={
         safety.key(p): r for p, r in replies.items()}))
     cache = tmp_path / "safety.endpoint-meta-llama_Meta-Llama-3.1-70B-Instruct.judgements.jsonl"
     Endpoint.fail_after = 0

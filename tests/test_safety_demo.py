@@ -3,13 +3,13 @@
 import json
 from pathlib import Path
 
-from jax_implicit import io, safety_demo
+from jax_implicit import files, safety_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_safety_demo_writes_its_report(tiny_long_context, data_dir, tmp_path):
-    cfg = io.load_config_file(ROOT / "configs" / "safety_demo.py")
+    cfg = files.load_config_file(ROOT / "configs" / "safety_demo.py")
     cfg.model.path = str(tiny_long_context)
     cfg.update(limit=1, max_new_tokens=4, work=str(tmp_path / "work"),
                report=str(tmp_path / "report"))

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from configs.eval import safety_tables
-from jax_implicit import cli, io, sweep
+from jax_implicit import cli, files, sweep
 from jax_implicit.evaluate import layout, tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,12 +14,12 @@ ADV = [0.5, 0.7, 0.6]
 
 def test_sweep_plans_a_refusal_evaluation_for_every_table_cell(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    cfg = io.load_config_file(ROOT / "configs" / "sweep.py", "llama2_7b")
+    cfg = files.load_config_file(ROOT / "configs" / "sweep.py", "llama2_7b")
     cfg.safety, cfg.allow_local_judge = True, True
     steps = sweep.plan(cfg)
     runs = [s for s in steps if s.module == "jax_implicit.evaluate.safety"]
     assert len(runs) == 7 * 5 * 5 + 2 * 5  # every tuned model, and the base model plain and x rules, per seed
-    keys = set(cli.flat(io.load_config_file(ROOT / "configs/eval/safety.py")))
+    keys = set(cli.flat(files.load_config_file(ROOT / "configs/eval/safety.py")))
     made = set()
     for step in steps:
         made.add(step.product)
@@ -37,7 +37,7 @@ def test_sweep_plans_a_refusal_evaluation_for_every_table_cell(monkeypatch):
             for _, method in spec.rows:
                 for seed in cfg.seeds:
                     assert layout.seed_dir(cfg.results, "llama2-7b", method, seed) / "safety" / layout.RESULT in made
-    plain = io.load_config_file(ROOT / "configs/sweep.py")
+    plain = files.load_config_file(ROOT / "configs/sweep.py")
     plain.allow_local_judge = True
     assert not any(s.module.endswith("safety") for s in sweep.plan(plain))
 
@@ -45,9 +45,9 @@ def test_sweep_plans_a_refusal_evaluation_for_every_table_cell(monkeypatch):
 def test_safety_table_mean_std_over_seeds(tmp_path):
     for seed, adv in enumerate(ADV, start=1):
         headline = {c: 0.25 for c in safety_tables.COLUMNS} | {"AdvBench": adv}
-        io.write_json(layout.seed_dir(tmp_path, "llama2-7b", "response_10ep", seed) / "safety" / layout.RESULT,
+        files.write_json(layout.seed_dir(tmp_path, "llama2-7b", "response_10ep", seed) / "safety" / layout.RESULT,
                       dict(judge="local judge (x)", headline={"judge": headline, "prefix": {"AdvBench": 1.0}}))
-    io.write_json(layout.seed_dir(tmp_path, "llama2-7b", "base", 1) / "safety" / layout.RESULT,
+    files.write_json(layout.seed_dir(tmp_path, "llama2-7b", "base", 1) / "safety" / layout.RESULT,
                   dict(judge=None, headline={"prefix": {"AdvBench": 1.0}}))  # no judge: not a judge cell
     cfg = safety_tables.get_config("10")
     cfg.results = str(tmp_path)

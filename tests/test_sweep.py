@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from configs.eval import tables as tables_config
-from jax_implicit import cli, io, sweep
+from jax_implicit import cli, files, sweep
 from jax_implicit.evaluate import layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def flags(step: sweep.Step) -> dict[str, str]:
 
 def test_paper_sweep_plan(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    cfg = io.load_config_file(ROOT / "configs" / "sweep.py", "llama2_7b")
+    cfg = files.load_config_file(ROOT / "configs" / "sweep.py", "llama2_7b")
     cfg.allow_local_judge = True
     steps = sweep.plan(cfg)
     trains = [s for s in steps if s.module == "jax_implicit.train"]
@@ -32,7 +32,7 @@ def test_paper_sweep_plan(monkeypatch):
     for step in steps:
         spec = step.args[0].removeprefix("--config=")
         path, _, arg = spec.partition(":")
-        keys = set(cli.flat(io.load_config_file(ROOT / path, arg or None)))
+        keys = set(cli.flat(files.load_config_file(ROOT / path, arg or None)))
         assert set(flags(step)) <= keys, (step.module, set(flags(step)) - keys)
 
     # every input is a product of an earlier step, or the base model
@@ -48,7 +48,7 @@ def test_paper_sweep_plan(monkeypatch):
 
     # every cell of the paper's tables (Llama-2 column, local judge offline) has a producer per seed
     t = tables_config.get_config("10")
-    judge = "local-" + Path(io.load_config_file(ROOT / "configs/eval/alpaca.py").judge.model.path).name
+    judge = "local-" + Path(files.load_config_file(ROOT / "configs/eval/alpaca.py").judge.model.path).name
     for spec in t.tables.values():
         for _, method in spec.rows:
             for seed in cfg.seeds:
@@ -66,7 +66,7 @@ def test_paper_sweep_plan(monkeypatch):
 
 
 def test_sweep_settings_are_checked():
-    cfg = io.load_config_file(ROOT / "configs" / "sweep.py", "olmo_7b")
+    cfg = files.load_config_file(ROOT / "configs" / "sweep.py", "olmo_7b")
     cfg.tasks, cfg.allow_local_judge = ("response",), True
     with pytest.raises(ValueError, match="keep 'instruction' in sweep.tasks"):
         sweep.plan(cfg)
@@ -74,7 +74,7 @@ def test_sweep_settings_are_checked():
     with pytest.raises(ValueError, match="not understood: \\['3'\\]"):
         sweep.plan(cfg)
     with pytest.raises(ValueError, match="unknown sweep model"):
-        io.load_config_file(ROOT / "configs" / "sweep.py", "gpt2")
+        files.load_config_file(ROOT / "configs" / "sweep.py", "gpt2")
 
 
 def test_small_sweep_runs_and_resumes(tiny_long_context, data_dir, tmp_path, monkeypatch):
@@ -84,7 +84,7 @@ def test_small_sweep_runs_and_resumes(tiny_long_context, data_dir, tmp_path, mon
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     data = data_dir
-    cfg = io.load_config_file(ROOT / "configs" / "sweep.py", "llama2_7b")
+    cfg = files.load_config_file(ROOT / "configs" / "sweep.py", "llama2_7b")
     cfg.update(model_path=str(tiny_long_context), tasks=("instruction",), epochs=(5,), reference_epochs=5, seeds=(1,),
                rules=(), eval_sets=("val",), ranking_data=str(data / "dolly/dolly_train.json"),
                judge_model=str(tiny_long_context), runs=str(tmp_path / "runs"), results=str(tmp_path / "results"),
@@ -118,6 +118,6 @@ def test_small_sweep_runs_and_resumes(tiny_long_context, data_dir, tmp_path, mon
 
 def test_the_paper_grid_refuses_the_local_judge_unless_asked(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    cfg = io.load_config_file(ROOT / "configs" / "sweep.py", "olmo_7b")
+    cfg = files.load_config_file(ROOT / "configs" / "sweep.py", "olmo_7b")
     with pytest.raises(ValueError, match=r"resolves to the local judge \(no OPENAI_API_KEY is set\).*allow_local_judge"):
         sweep.run(cfg)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from jax_implicit import convert, io, partial, runlock
+from jax_implicit import files, partial, pretrained, runlock
 from jax_implicit.evaluate import layout
 
 GPT4 = "weighted_alpaca_eval_gpt4_turbo"
@@ -90,10 +90,10 @@ def summarize(folder: Path, name: str) -> dict:
 
 
 def _local_judge(cfg, keep: partial.Partial):
-    from jax_implicit.evaluate import judge, scoring
+    from jax_implicit.evaluate import judge
 
     template = judge.template_path(cfg.judge.prompt_template)
-    decoder, tokenizer = scoring.load(cfg.judge.model, cfg.judge.mesh if cfg.judge.sharded else None)
+    decoder, tokenizer = pretrained.load_with_tokenizer(cfg.judge.model, cfg.judge.mesh if cfg.judge.sharded else None)
     local = judge.LocalJudge(decoder, tokenizer, name=Path(cfg.judge.model.path).name,
                              answers=tuple(cfg.judge.answers), batch_tokens=cfg.judge.batch_tokens, keep=keep)
     return lambda tmp: dict(annotators_config=str(judge.write_config(tmp / "judge", local, template)),
@@ -140,8 +140,8 @@ def run(cfg) -> dict:
     kind = judge_kind(cfg.judge.kind)
     if cfg.max_instances < 0:
         raise ValueError(f"max_instances={cfg.max_instances}; use 0 for all instructions")
-    outputs = io.read_rows(cfg.outputs, ("instruction", "output"), "outputs file")
-    references = io.read_rows(cfg.references, ("instruction", "output"), "references file")
+    outputs = files.read_rows(cfg.outputs, ("instruction", "output"), "outputs file")
+    references = files.read_rows(cfg.references, ("instruction", "output"), "references file")
     _check_dataset(outputs, cfg.eval_set, cfg.outputs)
     _check_same_instructions(outputs, references, cfg.outputs, cfg.references)
     by_instruction = {r["instruction"]: r for r in references}
@@ -153,12 +153,12 @@ def run(cfg) -> dict:
     with runlock.hold(runlock.beside(out), f"results {out}"):  # also: the folder is writable, before the judge loads
         keep = None
         if kind == "local":
-            settings = dict(judge=cfg.judge.to_dict(), weights=partial.stamp(convert.model_dir(cfg.judge.model.path)))
+            settings = dict(judge=cfg.judge.to_dict(), weights=partial.stamp(pretrained.model_dir(cfg.judge.model.path)))
             keep = partial.Partial(partial.path_for(out), settings)
         judge_kwargs = _local_judge(cfg, keep) if kind == "local" else _gpt4_judge(out)
         import alpaca_eval.main
 
-        with convert.atomic_dir(out) as tmp:
+        with files.atomic_dir(out) as tmp:
             alpaca_eval.main.evaluate(
                 model_outputs=pd.DataFrame(outputs).assign(generator=name), reference_outputs=pd.DataFrame(references),
                 output_path=tmp, precomputed_leaderboard=None, is_return_instead_of_print=True,
@@ -170,7 +170,7 @@ def run(cfg) -> dict:
             result.update(judge=judge_label, judge_kind=kind, comparable_with_gpt4=kind == "gpt4",
                           eval_set=cfg.eval_set, lc_missing_reason=lc_reason,
                           outputs=str(cfg.outputs), references=str(cfg.references))
-            io.write_json(tmp / layout.RESULT, result)
+            files.write_json(tmp / layout.RESULT, result)
         if keep is not None:
             keep.finish()
     print(report(result, out))

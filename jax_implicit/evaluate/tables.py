@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_implicit import io
+from jax_implicit import files
 from jax_implicit.evaluate import layout
 
 MISSING = "–"
@@ -156,7 +156,7 @@ def report(cfg) -> str:
 
 def run(cfg) -> str:
     text = report(cfg)
-    out = io.write_atomic(Path(cfg.out or Path(cfg.results) / cfg.file), text)
+    out = files.write_atomic(Path(cfg.out or Path(cfg.results) / cfg.file), text)
     return f"{text}\nwrote {out}"
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jax_implicit import io
+from jax_implicit import files
 
 
 @pytest.mark.parametrize("name,text", [
@@ -14,7 +14,7 @@ from jax_implicit import io
 ])
 def test_read_rows_formats(tmp_path, name, text):
     (tmp_path / name).write_text(text)
-    assert io.read_rows(tmp_path / name, ("instruction",)) == [{"instruction": "a"}, {"instruction": "b"}]
+    assert files.read_rows(tmp_path / name, ("instruction",)) == [{"instruction": "a"}, {"instruction": "b"}]
 
 
 @pytest.mark.parametrize("name,text,message", [
@@ -29,13 +29,13 @@ def test_read_rows_formats(tmp_path, name, text):
 def test_read_rows_errors_name_the_file_and_row(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=message):
-        io.read_rows(tmp_path / name, ("instruction",), what="outputs file")
+        files.read_rows(tmp_path / name, ("instruction",), what="outputs file")
     with pytest.raises(FileNotFoundError, match="outputs file .*nope.json does not exist"):
-        io.read_rows(tmp_path / "nope.json", what="outputs file")
+        files.read_rows(tmp_path / "nope.json", what="outputs file")
 
 
 def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
-    out = io.write_json(tmp_path / "sub" / "r.json", {"a": 1})
+    out = files.write_json(tmp_path / "sub" / "r.json", {"a": 1})
     assert json.loads(out.read_text()) == {"a": 1}
 
     class Boom(str):  # fails once the temporary file exists
@@ -43,12 +43,12 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        io.write_atomic(out, Boom("x"))
+        files.write_atomic(out, Boom("x"))
     assert json.loads(out.read_text()) == {"a": 1}
     assert sorted(p.name for p in out.parent.iterdir()) == ["r.json"]  # no temporary left behind
 
 
 def test_save_figure_writes_a_png(tmp_path):
-    fig, ax = io.figure((2, 2))
+    fig, ax = files.figure((2, 2))
     ax.plot([0, 1], [1, 0])
-    assert io.save_figure(fig, tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert files.save_figure(fig, tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

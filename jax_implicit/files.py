@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -110,3 +111,42 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     return write_atomic(path, buf.getvalue())
+
+
+def atomic_dir(out: Path):
+    """Context manager: yields a temporary sibling folder, renamed onto `out` only on success."""
+    return _AtomicDir(Path(out))
+
+
+class _AtomicDir:
+    def __init__(self, out: Path):
+        self.out = out.absolute()
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise stick to the final folder
+        return self.tmp
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+        return False
+
+
+def remove_stale_tmp(out: str | Path) -> None:
+    """Remove the temporary siblings a killed `atomic_dir(out)` left behind. Only for a caller that holds
+    the folder's lock (runlock): another live writer's temporary folder would look the same."""
+    out = Path(out)
+    for p in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(p, ignore_errors=True)
