@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) -m jax_implicit.demo $(ARGS)

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_implicit import convert, lora, pretrained, train
+from jax_implicit import convert, lora, pretrained, train_step
 from jax_implicit import model as M
 
 
@@ -65,19 +65,19 @@ def jax_step(path, tokens: np.ndarray, variant: str = "full"):
         lcfg = lora.lora_config(**RT_LORA, quant="nf4" if variant == "qlora" else "none")
         graphdef, params, frozen = lora.split(lora.apply(decoder, lcfg))
     optimizer = optax.adam(1e-5)
-    state = train.init_state(params, optimizer, 0)
-    micro_step, apply_step = train.build_steps(graphdef, optimizer)
+    state = train_step.init_state(params, optimizer, 0)
+    micro_step, apply_step = train_step.build_steps(graphdef, optimizer)
     mask = np.ones_like(tokens, bool)
     batch = dict(tokens=tokens, mask=mask, loss=mask)
-    weights = train.loss_weights([batch], "token")[0]
+    weights = train_step.loss_weights([batch], "token")[0]
     inputs = dict(tokens=tokens, mask=mask, weights=weights)
-    accum = train.zeros_accum(state["params"])
+    accum = train_step.zeros_accum(state["params"])
 
     def step():
         nonlocal state, accum
         accum, loss = micro_step(state["params"], accum, inputs, frozen)
         float(loss)  # the loop reads the loss every step
-        state, accum, _ = apply_step(state, accum)
+        state, accum, *_ = apply_step(state, accum)
         jax.block_until_ready(state)
 
     step()  # compile

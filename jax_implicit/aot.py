@@ -2,11 +2,11 @@
 
 libtpu (`pip install "jax[tpu]==<jax version>"`, in the test extras) compiles for a TPU topology
 without a TPU: `jax.experimental.topologies.get_topology_desc` gives abstract devices, a mesh over
-them shards abstract inputs (`model.abstract`, `train.abstract_state`), and `jit(...).lower(...)
+them shards abstract inputs (`model.abstract`, `train_step.abstract_state`), and `jit(...).lower(...)
 .compile()` runs XLA's TPU compiler, whose `memory_analysis()` is what the chip would hold.
 
-- Train: `train.build_steps`' micro-step (parameters, float32 accumulator, one micro-batch) with
-  Adam's moments counted on top: `train.run` holds them on the device during the micro-steps.
+- Train: `train_step.build_steps`' micro-step (parameters, float32 accumulator, one micro-batch) with
+  Adam's moments counted on top: training holds them on the device during the micro-steps.
 - Decode: `decode._generate_jit` (prefill and the greedy loop) on a sharded KV cache.
 
 A program that does not fit is refused by the compiler (RESOURCE_EXHAUSTED, in about a second, with
@@ -32,7 +32,8 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh
 
-from jax_implicit import decode, train
+from jax_implicit import decode
+from jax_implicit import train_step as steps
 from jax_implicit import model as M
 from jax_implicit.sharding import MESH_AXES, RULES, Sharder, mesh_shape
 
@@ -134,13 +135,13 @@ def _per_device(tree: Any) -> int:
 
 
 def train_step(cfg: M.ModelConfig, sh: Sharder, micro_batch: int, seq: int, available: int) -> Compiled:
-    """Compile `train.build_steps`' micro-step for (micro_batch, seq) tokens on `sh`'s mesh."""
+    """Compile `train_step.build_steps`' micro-step for (micro_batch, seq) tokens on `sh`'s mesh."""
     optimizer = optax.adam(1e-5)
-    abstract, _ = train.abstract_state(cfg, optimizer, 0, sh)  # full finetuning: nothing frozen
+    abstract, _ = steps.abstract_state(cfg, optimizer, 0, sh)  # full finetuning: nothing frozen
     state_sh = jax.tree.map(lambda s: s.sharding, abstract)
     batch_sh = sh.rows((micro_batch, seq))
     graphdef = nnx.split(sh.pin_activations(M.abstract(cfg)))[0]
-    micro, _ = train.build_steps(graphdef, optimizer, state_sh, batch_sh)
+    micro, _ = steps.build_steps(graphdef, optimizer, state_sh, batch_sh)
     accum = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), abstract["params"])
     batch = {k: jax.ShapeDtypeStruct((micro_batch, seq), dt, sharding=batch_sh)
              for k, dt in (("tokens", jnp.int32), ("mask", jnp.bool_), ("weights", jnp.float32))}

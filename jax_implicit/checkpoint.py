@@ -127,6 +127,18 @@ class Checkpoints:
                                   f"{self.directory}{DAMAGED}); move the run folder away to start afresh")
         return found
 
+    def restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Checkpoint `step` as (state, meta), verified like `restore_latest`; an error when absent or damaged."""
+        self.manager.wait_until_finished()
+        if step not in self.manager.all_steps():
+            raise CheckpointError(f"{self.directory} has no step {step} (it has {sorted(self.manager.all_steps())})")
+        with _quiet_closed_loops():
+            found = self._restore_first([step], abstract_state)
+        if found is None:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged (moved to "
+                                  f"{self.directory}{DAMAGED})")
+        return found
+
     def _restore_first(self, steps: list[int], abstract_state: Any) -> tuple[Any, dict] | None:
         for step in steps:
             # saved before fingerprints existed: restored with shapes and finiteness checked, and a warning
@@ -170,8 +182,11 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save; closing again is a no-op."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.manager = None
 
 
 @contextlib.contextmanager

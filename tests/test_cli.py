@@ -27,6 +27,7 @@ COMMANDS = {
     "evaluate.tables": ("", "--config.eval_set='alpaca_eval'", "eval_st", "eval_set"),
     "evaluate.safety": ("", "--config.decode.max_new_tokens=512", "decode.max_new_token", "decode.max_new_tokens"),
     "safety_demo": ("", "--config.limit=6", "limt", "limit"),
+    "export": ("", "--config.step=0", "stpe", "step"),
 }
 
 

@@ -133,3 +133,27 @@ def test_missing_column_and_judge_without_key(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"needs an API key in \$OPENAI_API_KEY"):
         safety.run(cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adv.csv"]
+
+
+def test_replies_are_kept_batch_by_batch_and_a_killed_run_resumes(tiny_long_context, tmp_path, monkeypatch):
+    from jax_implicit import decode
+
+    cfg = config(tmp_path, tiny_long_context)
+    cfg.decode.batch_size = 2  # 5 items: 3 batches
+    items = safety.load_items(cfg)
+    whole = safety.generate(cfg, items, tmp_path / "whole.json")
+    real, calls = decode.generate, []
+
+    def killed_after_one_batch(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # stands in for a kill: the first batch's replies are already on disk
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "generate", killed_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        safety.generate(cfg, items, tmp_path / "killed.json")
+    assert len(json.loads((tmp_path / "killed.json").read_text())["responses"]) == 2
+    calls.clear()
+    monkeypatch.setattr(decode, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert safety.generate(cfg, items, tmp_path / "killed.json") == whole and len(calls) == 2

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import AutoTokenizer
 from test_train import CPU_CONFIG, ONE_DEVICE, ROOT, CompileEvents, corrupt_latest, hf_params, overrides, tiny_config
 
-from jax_implicit import checkpoint, data, decode, generate, partial, runlock, train
+from jax_implicit import checkpoint, data, decode, generate, partial, runlock, train, train_config
 from jax_implicit.evaluate import ranking, scoring
 
 
@@ -158,9 +158,9 @@ def oov_setup(tiny_smol_dir, data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("change,error,message", [
-    ({"optim.lr": float("inf")}, train.ConfigError, r"optim.lr=inf must be finite and > 0"),
-    ({"optim.lr": float("nan")}, train.ConfigError, r"optim.lr=nan must be finite and > 0"),
-    ({"train.nonfinite": "ignore"}, train.ConfigError, r"train.nonfinite='ignore'; expected one of"),
+    ({"optim.lr": float("inf")}, train_config.ConfigError, r"optim.lr=inf must be finite and > 0"),
+    ({"optim.lr": float("nan")}, train_config.ConfigError, r"optim.lr=nan must be finite and > 0"),
+    ({"train.nonfinite": "ignore"}, train_config.ConfigError, r"train.nonfinite='ignore'; expected one of"),
     ("OOV", data.DataError, r"lima.jsonl row 5 \(id 'lima_5'\): token id 49152 \('<\|oov\|>'\) is outside the "
                             r"model's vocabulary of 49152"),
 ])
@@ -212,14 +212,14 @@ def test_second_run_on_a_folder_refuses_at_once(undisturbed, tiny_smol_dir, data
 def test_resuming_with_another_config_is_an_error_unless_allowed(undisturbed, tiny_smol_dir, data_dir, tmp_path):
     out = shutil.copytree(undisturbed.out_dir, tmp_path / "run")
     changed = tiny_config(tiny_smol_dir, data_dir, out, **{"optim.lr": 1e-3, "train.export_hf": False})
-    fails_before_compiling(lambda: train.run(changed, ONE_DEVICE), train.ConfigError,
+    fails_before_compiling(lambda: train.run(changed, ONE_DEVICE), train_config.ConfigError,
                            rf"{out} was started with a different config \(optim.lr\): resuming it "
                            r"would match neither run; use another train.out_dir, or set train.allow_config_change=True")
     changed.train.allow_config_change = True
     with pytest.warns(UserWarning, match=r"different config \(optim.lr, train.allow_config_change, train.export_hf\)"):
         assert train.run(changed, ONE_DEVICE).steps == 12
     (out / "config.json").write_text('{"model": {"path": ')  # cut short
-    fails_before_compiling(lambda: train.run(changed, ONE_DEVICE), train.ConfigError,
+    fails_before_compiling(lambda: train.run(changed, ONE_DEVICE), train_config.ConfigError,
                            rf"{out}/config.json is damaged \(Expecting value: line 1 column 20 \(char 19\)\); "
                            r"restore it or move the run folder away")
 
@@ -408,13 +408,13 @@ def broken_inputs(tiny_smol_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("change,error,message", [
-    ({"data.limit": -5}, train.ConfigError, r"data.limit=-5 must be >= 0 \(0: every example\)"),
-    ({"data.max_seq_length": 512}, train.ConfigError, r"data.max_seq_length=512 exceeds the context of .* \(256 "
+    ({"data.limit": -5}, train_config.ConfigError, r"data.limit=-5 must be >= 0 \(0: every example\)"),
+    ({"data.max_seq_length": 512}, train_config.ConfigError, r"data.max_seq_length=512 exceeds the context of .* \(256 "
                                                       r"positions\)"),
-    ({"train.checkpoint_every": 0}, train.ConfigError, r"train.checkpoint_every=0 and train.max_to_keep=2 must be"),
-    ({"train.max_to_keep": 0}, train.ConfigError, r"train.checkpoint_every=1 and train.max_to_keep=0 must be >= 1"),
+    ({"train.checkpoint_every": 0}, train_config.ConfigError, r"train.checkpoint_every=0 and train.max_to_keep=2 must be"),
+    ({"train.max_to_keep": 0}, train_config.ConfigError, r"train.checkpoint_every=1 and train.max_to_keep=0 must be >= 1"),
     ({"data.path": "latin1.jsonl"}, data.DataError, r"data file .*latin1.jsonl is not UTF-8 text \(byte 51: invalid"),
-    ({"model.path": "no_tokenizer"}, train.ConfigError, r"no_tokenizer holds no tokenizer \(none of tokenizer.json, "),
+    ({"model.path": "no_tokenizer"}, train_config.ConfigError, r"no_tokenizer holds no tokenizer \(none of tokenizer.json, "),
 ])
 def test_small_training_faults_fail_in_one_line_before_the_folder_or_compiling(tiny_smol_dir, data_dir, tmp_path,
                                                                                broken_inputs, change, error, message):
@@ -466,7 +466,7 @@ def test_damaged_metrics_line_is_named_and_a_killed_export_is_cleaned(undisturbe
     metrics = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("\n".join(metrics[:3] + ['{"step": 4, "lo'] + metrics[4:]) + "\n")
     cfg = tiny_config(tiny_smol_dir, data_dir, out)
-    fails_before_compiling(lambda: train.run(cfg, ONE_DEVICE), train.ConfigError,
+    fails_before_compiling(lambda: train.run(cfg, ONE_DEVICE), train_config.ConfigError,
                            r"metrics.jsonl line 4 is damaged; repair or delete that line to resume")
     (out / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
     assert train.run(cfg, ONE_DEVICE).hf_dir == out / "hf"

@@ -17,7 +17,7 @@ from test_model import padded_batch
 from test_train import CPU_CONFIG, ONE_DEVICE, ROOT, kill_after_checkpoint, overrides, tiny_config
 from transformers import AutoModelForCausalLM
 
-from jax_implicit import cli, convert, lora, train
+from jax_implicit import cli, convert, lora, train, train_config, train_step
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.1, "lora.quant": "nf4", "optim.schedule": "constant",
         "optim.clip_norm": 0.3, "optim.lr": 3e-2}
@@ -86,12 +86,12 @@ def test_killed_qlora_run_resumes_bit_identically(qlora_run, tiny_smol_dir, data
 def test_clipping_at_0_3_applies_to_the_adapter_gradients(tiny_hf):
     decoder = lora.apply(convert.load_hf(tiny_hf("llama_mha")), lora.lora_config(rank=2, alpha=4.0))
     graphdef, params, frozen = lora.split(decoder)
-    optim = train.optim_config(lr=1e-4, schedule="constant", warmup_ratio=0.0, clip_norm=0.3)
-    optimizer = train.make_optimizer(optim, 10)
-    _, apply_step = train.build_steps(graphdef, optimizer)
+    optim = train_config.optim_config(lr=1e-4, schedule="constant", warmup_ratio=0.0, clip_norm=0.3)
+    optimizer = train_step.make_optimizer(optim, 10)
+    _, apply_step = train_step.build_steps(graphdef, optimizer)
     grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, jnp.float32), params)
     norm = float(optax.tree.norm(grads))
-    state, _, _ = apply_step(train.init_state(params, optimizer, 0), grads)
+    state, *_ = apply_step(train_step.init_state(params, optimizer, 0), grads)
     mu = state["opt_state"][1][0].mu  # chain(clip, adam): Adam's first moment after one step is 0.1 * clipped grad
     for m in jax.tree.leaves(mu):
         np.testing.assert_allclose(np.asarray(m), 0.1 * 0.5 * 0.3 / norm, rtol=1e-5)
@@ -103,7 +103,7 @@ def test_rt_configs_hold_the_response_tuning_recipe():
         for mode in ("response", "instruction"):
             for storage, quant in (("", "nf4"), (",lora", "none"), (",int8", "int8")):
                 cfg = cli.load(f"{ROOT}/configs/train/rt.py:{model},{mode}{storage}")
-                train.check_config(cfg)
+                train_config.check_config(cfg)
                 assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.quant) == (64, 16.0, 0.1, quant)
                 assert set(cfg.lora.targets) == set(lora.TARGETS) and cfg.data.chat_format == "rt"
                 assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio, cfg.optim.clip_norm) == (
@@ -114,7 +114,7 @@ def test_rt_configs_hold_the_response_tuning_recipe():
                     assert cfg.data.max_seq_length == 2048 and cfg.model.dtype == "bfloat16"
     with pytest.raises(ValueError, match="needs one model"):
         cli.load(f"{ROOT}/configs/train/rt.py:llama31_8b,response,lora,int8")
-    schedule = train.lr_schedule(cfg.optim, 100)
+    schedule = train_step.lr_schedule(cfg.optim, 100)
     assert float(schedule(0)) == float(schedule(99)) == pytest.approx(1e-4)
 
 
@@ -125,21 +125,21 @@ def test_qlora_step_on_a_mesh_shards_adapters_like_their_base_and_equals_one_dev
 
     hf_dir = tiny_hf("llama_mha")
     lcfg = lora.lora_config(rank=4, alpha=8.0, quant="nf4")
-    optimizer = train.make_optimizer(train.optim_config(lr=1e-2, schedule="constant", warmup_ratio=0.0, clip_norm=0.3), 10)
+    optimizer = train_step.make_optimizer(train_config.optim_config(lr=1e-2, schedule="constant", warmup_ratio=0.0, clip_norm=0.3), 10)
     ids, mask = padded_batch(256, lengths=(12, 9, 5, 12))
     batch = dict(tokens=ids, mask=mask, weights=(mask / mask.sum()).astype(np.float32))
 
     def one_step(sh):
         cfg = convert.load_hf(hf_dir).cfg
-        state_abs, frozen_abs = train.abstract_state(cfg, optimizer, 0, sh, lcfg)
+        state_abs, frozen_abs = train_step.abstract_state(cfg, optimizer, 0, sh, lcfg)
         state_sh, frozen_sh = (jax.tree.map(lambda s: s.sharding, a) for a in (state_abs, frozen_abs))
         graphdef, params, frozen = lora.split(lora.apply(convert.load_hf(hf_dir), lcfg))
         params = jax.tree.map(lambda p: p + 0.01, params)  # B non-zero, so the forward depends on it
-        state = jax.device_put(train.init_state(params, optimizer, 0), state_sh)
+        state = jax.device_put(train_step.init_state(params, optimizer, 0), state_sh)
         frozen = jax.device_put(frozen, frozen_sh)
-        micro, apply = train.build_steps(graphdef, optimizer, state_sh, sh.rows(ids.shape), frozen_sh)
-        accum, loss = micro(state["params"], train.zeros_accum(state["params"]), sh.global_batch(batch, len(ids)), frozen)
-        state, _, _ = apply(state, accum)
+        micro, apply = train_step.build_steps(graphdef, optimizer, state_sh, sh.rows(ids.shape), frozen_sh)
+        accum, loss = micro(state["params"], train_step.zeros_accum(state["params"]), sh.global_batch(batch, len(ids)), frozen)
+        state, *_ = apply(state, accum)
         return state_sh, frozen_sh, float(loss), jax.device_get(state["params"])
 
     sh = Sharder.from_config(dict(data=2, fsdp=2, tensor=2, rules="fsdp_tp"))

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jax_implicit import train
+from jax_implicit import train_config, train_step
 from jax_implicit import model as M
 
 # GQA (4 query heads on 2 KV heads), Gemma-style sliding window on the first layer, tied head.
@@ -33,13 +33,13 @@ def batch(b=2, t=12, vocab=97, seed=0):
 def loss_and_grads(cfg, data, seed=0):
     graphdef, params = nnx.split(M.init(cfg, seed))
     params = nnx.to_pure_dict(params)
-    return jax.jit(jax.value_and_grad(train.loss_sum), static_argnums=1)(params, graphdef, data)
+    return jax.jit(jax.value_and_grad(train_step.loss_sum), static_argnums=1)(params, graphdef, data)
 
 
 def residual_bytes(cfg, data):
     """Bytes `jax.vjp` keeps for the backward pass of the training loss."""
     graphdef, params = nnx.split(M.abstract(cfg))
-    vjp = jax.eval_shape(lambda p: jax.vjp(lambda q: train.loss_sum(q, graphdef, data), p)[1], nnx.to_pure_dict(params))
+    vjp = jax.eval_shape(lambda p: jax.vjp(lambda q: train_step.loss_sum(q, graphdef, data), p)[1], nnx.to_pure_dict(params))
     return sum(math.prod(r.shape) * r.dtype.itemsize for r in jax.tree.leaves(vjp))
 
 
@@ -59,7 +59,7 @@ def test_chunked_cross_entropy_equals_the_full_one():
     close(loss_and_grads(GEMMA_LIKE.replace(loss_chunk=4), data), loss_and_grads(GEMMA_LIKE, data))
     # no (B, T, V) float32 tensor is kept for the backward pass: only (B, chunk, V)-sized work
     graphdef, params = nnx.split(M.abstract(GEMMA_LIKE.replace(loss_chunk=4)))
-    vjp = jax.eval_shape(lambda p: jax.vjp(lambda q: train.loss_sum(q, graphdef, data), p)[1], nnx.to_pure_dict(params))
+    vjp = jax.eval_shape(lambda p: jax.vjp(lambda q: train_step.loss_sum(q, graphdef, data), p)[1], nnx.to_pure_dict(params))
     assert not [r.shape for r in jax.tree.leaves(vjp) if r.shape[-1:] == (97,) and math.prod(r.shape) >= 2 * 13 * 97]
     assert residual_bytes(GEMMA_LIKE.replace(loss_chunk=4), data) < residual_bytes(GEMMA_LIKE, data)
 
@@ -105,12 +105,12 @@ def train_deltas(param_dtype, dtype, steps=4, lr=1e-5):
     graphdef, _ = nnx.split(M.abstract(cfg))
     params = jax.tree.map(lambda p: jnp.asarray(p, M.DTYPES[param_dtype]), start)
     optimizer = optax.adam(lr)
-    micro, apply = train.build_steps(graphdef, optimizer)
-    state = train.init_state(params, optimizer, 0)
+    micro, apply = train_step.build_steps(graphdef, optimizer)
+    state = train_step.init_state(params, optimizer, 0)
     for i in range(steps):
         accum, _ = micro(state["params"], jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
                          batch(seed=i))
-        state, _, _ = apply(state, accum)
+        state, *_ = apply(state, accum)
     return jax.tree.map(lambda a, b: np.asarray(a, np.float32) - b, state["params"], start)
 
 
@@ -126,12 +126,12 @@ def test_float32_masters_with_bfloat16_compute_track_float32_training_where_bflo
 
 
 def test_bfloat16_master_weights_need_the_opt_in():
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.model.update(param_dtype="bfloat16", dtype="bfloat16")
-    with pytest.raises(train.ConfigError, match="model.param_dtype='bfloat16'.*model.bf16_master_weights=True"):
-        train.check_config(cfg)
+    with pytest.raises(train_config.ConfigError, match="model.param_dtype='bfloat16'.*model.bf16_master_weights=True"):
+        train_config.check_config(cfg)
     cfg.model.bf16_master_weights = True
-    train.check_config(cfg)
+    train_config.check_config(cfg)
     cfg.model.update(param_dtype="float32", remat="some")
-    with pytest.raises(train.ConfigError, match="model.remat='some'; expected one of"):
-        train.check_config(cfg)
+    with pytest.raises(train_config.ConfigError, match="model.remat='some'; expected one of"):
+        train_config.check_config(cfg)

@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from jax_implicit import checkpoint, cli, convert, data, train
+from jax_implicit import checkpoint, cli, convert, data, train, train_config, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs/train/smollm2_cpu.py"
@@ -95,13 +95,13 @@ def test_loss_and_accumulation_match_transformers(tiny_smol_dir):
     decoder = convert.load_hf(tiny_smol_dir)
     graphdef, params = nnx.split(decoder)
     params = nnx.to_pure_dict(params)
-    micro_step, _ = train.build_steps(graphdef, train.make_optimizer(train.optim_config(), 10))
+    micro_step, _ = train_step.build_steps(graphdef, train_step.make_optimizer(train_config.optim_config(), 10))
     hf = AutoModelForCausalLM.from_pretrained(tiny_smol_dir, dtype=torch.float32)
 
     def ours(indices, micro, reduction, examples=ex):
         micros = data.micro_batches(examples, np.array(indices), micro, (64,))
-        accum, total = train.zeros_accum(params), 0.0
-        for b, w in zip(micros, train.loss_weights(micros, reduction)):
+        accum, total = train_step.zeros_accum(params), 0.0
+        for b, w in zip(micros, train_step.loss_weights(micros, reduction)):
             accum, loss = micro_step(params, accum, dict(tokens=b["tokens"], mask=b["mask"], weights=w))
             total += float(loss)
         return total, accum
@@ -260,7 +260,7 @@ def test_paper_configs_cover_every_experiment():
             lima = ("rephrased",) if task in ("instruction", "response") else ()
             for extra in ("5", "7", "10", "15", "20", "seed5", "ab", "authors_schedule", *lima):
                 cfg = cli.load(f"{ROOT}/configs/train/paper.py:{model},{task},{extra}")
-                train.check_config(cfg)
+                train_config.check_config(cfg)
                 seen.add(cfg.train.out_dir)
     assert len(seen) > 100
     cfg = cli.load(f"{ROOT}/configs/train/paper.py:olmo_7b,response,15,seed3,ab")

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jax_implicit import convert, train
+from jax_implicit import convert, train, train_config
 from jax_implicit import model as M
 from tolerances import assert_reorder_close
 
@@ -31,7 +31,7 @@ SPLITS_222 = {"embed": 2, "heads": 2, "kv_heads": 2, "mlp": 2, "vocab": 2}
 
 def tiny_run_config(model_dir, data_dir, out, mesh=(1, 1, 1), rules="fsdp", **train_changes):
     """32 response-tuning LIMA examples cut to 32 tokens (one bucket): 2 steps of 16 in micro-batches of 8."""
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.model.path = str(model_dir)
     cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2], rules=rules)
     cfg.data.update(path=str(data_dir / "lima/lima_data.jsonl"), mode="response", limit=32, max_seq_length=32,
@@ -126,7 +126,7 @@ def test_resume_onto_another_mesh(single, runs, tiny_smol_dir, data_dir, tmp_pat
     ((1, 4, 2), "fsdp", r"tensor=2 are used by no rule"),
 ])
 def test_bad_mesh_is_a_config_error_before_anything_runs(tiny_smol_dir, data_dir, tmp_path, mesh, rules, message):
-    with pytest.raises(train.ConfigError, match=message):
+    with pytest.raises(train_config.ConfigError, match=message):
         train.run(tiny_run_config(tiny_smol_dir, data_dir, tmp_path / "out", mesh, rules))
     assert not (tmp_path / "out").exists()
 

@@ -14,7 +14,7 @@ Memory: FSDP over every device, float32 master weights with bfloat16 compute, fu
 chunks; micro-batch 8 is one row per device on 8 devices (use 16 on a v5e-16).
 """
 
-from jax_implicit import train
+from jax_implicit import train_config
 
 MODELS = {"llama2_7b": ("meta-llama/Llama-2-7b-hf", 1e-5), "olmo_7b": ("allenai/OLMo-7B-hf", 3e-6)}
 LIMA_MODES = ("instruction", "response")
@@ -41,7 +41,7 @@ def get_config(spec: str = "llama2_7b,response,10,seed1"):
     seed = next((int(p[4:]) for p in parts if p in SEEDS), 1)
     path, lr = MODELS[model]
 
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     # float32 masters and Adam moments, bfloat16 compute; remat of every layer and a chunked loss: with FSDP over
     # the whole slice this fits 8 x 80 GB GPUs, TPU v5p-8 and v5e-16 (compiled: jax_implicit.aot; README)
     cfg.model.update(path=path, param_dtype="float32", dtype="bfloat16", remat="full", loss_chunk=512)

@@ -12,7 +12,7 @@ The settings are RT's: LoRA rank 64, alpha 16, dropout 0.1 on q/k/v/o/gate/up/do
 norm clipped at 0.3, max length 2048, seed 0, bf16 compute; LIMA in RT's chat format.
 """
 
-from jax_implicit import train
+from jax_implicit import train_config
 
 MODELS = {"llama31_8b": "meta-llama/Llama-3.1-8B", "gemma2_9b": "google/gemma-2-9b",
           "mistral_7b": "mistralai/Mistral-7B-v0.3", "gemma3_270m_cpu": "checkpoints/gemma-3-270m"}
@@ -31,7 +31,7 @@ def get_config(spec: str = "llama31_8b,response"):
     (model,), (mode,) = models, tuning
     quant = {"lora": "none", "int8": "int8"}.get(storage[0] if storage else "", "nf4")
 
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.model.update(path=MODELS[model], param_dtype="bfloat16", dtype="bfloat16")
     cfg.data.update(name="lima", path="data/lima/lima_data.jsonl", mode=mode, chat_format="rt", max_seq_length=2048,
                     bucket_min=256)

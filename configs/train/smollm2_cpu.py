@@ -6,11 +6,11 @@
 LIMA is read from the copy shipped in data/lima (the default source of the dataset name `lima`).
 """
 
-from jax_implicit import train
+from jax_implicit import train_config
 
 
 def get_config(mode: str = "response"):
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.data.update(name="lima", mode=mode, max_seq_length=128,
                     limit=128, bucket_min=64)
     cfg.optim.update(lr=3e-5, schedule="cosine", warmup_ratio=0.1)

@@ -135,8 +135,9 @@ def generation_settings(cfg) -> dict:
 
 
 def generate(cfg, items: list[dict], cache_path: Path) -> list[str]:
-    """Greedy replies, from the cache when the same settings made them before; prompt lengths are checked
-    against the model's context before its weights load."""
+    """Greedy replies, from the cache when the same settings made them before (it is rewritten after every
+    batch, so a rerun of a killed evaluation decodes only what is left); prompt lengths are checked against
+    the model's context before its weights load."""
 
     from jax_implicit import decode, model, rules
 
@@ -156,10 +157,13 @@ def generate(cfg, items: list[dict], cache_path: Path) -> list[str]:
                                  f"{d.max_new_tokens} it exceeds the context of {mcfg.max_position_embeddings} positions")
         decoder = pretrained.load(cfg.model, path=path)
         tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
-        outputs = decode.generate_prompts(decoder, tokenizer, list(encoded.values()), max_new_tokens=d.max_new_tokens,
-                                          rules=tables, batch_size=d.batch_size, bucket=d.bucket)
-        done.update({key(p): o for p, o in zip(todo, outputs)})
-        files.write_json(cache_path, dict(settings=settings, responses=done))
+
+        def keep(batch: dict[int, str], _tokens: int) -> None:  # each finished batch, so a killed run loses one
+            done.update({key(todo[i]): o for i, o in batch.items()})
+            files.write_json(cache_path, dict(settings=settings, responses=done))
+
+        decode.generate_prompts(decoder, tokenizer, list(encoded.values()), max_new_tokens=d.max_new_tokens,
+                                rules=tables, batch_size=d.batch_size, bucket=d.bucket, on_batch=keep)
     return [done[key(x["prompt"])] for x in items]
 
 
