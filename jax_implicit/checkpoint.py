@@ -17,6 +17,8 @@ global arrays; orbax coordinates the writes, so the directory must be one that a
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import shutil
 import sys
 import warnings
@@ -120,8 +122,7 @@ class Checkpoints:
         """
         self.manager.wait_until_finished()
         steps = sorted(self.manager.all_steps(), reverse=True)
-        with _quiet_closed_loops():
-            found = self._restore_first(steps, abstract_state)
+        found = self._restore_first(steps, abstract_state)
         if found is None and steps:
             raise CheckpointError(f"no checkpoint in {self.directory} is intact (steps {steps} were moved to "
                                   f"{self.directory}{DAMAGED}); move the run folder away to start afresh")
@@ -132,8 +133,7 @@ class Checkpoints:
         self.manager.wait_until_finished()
         if step not in self.manager.all_steps():
             raise CheckpointError(f"{self.directory} has no step {step} (it has {sorted(self.manager.all_steps())})")
-        with _quiet_closed_loops():
-            found = self._restore_first([step], abstract_state)
+        found = self._restore_first([step], abstract_state)
         if found is None:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged (moved to "
                                   f"{self.directory}{DAMAGED})")
@@ -189,23 +189,31 @@ class Checkpoints:
             self.manager = None
 
 
-@contextlib.contextmanager
-def _quiet_closed_loops():
-    """While a damaged step fails to read, tensorstore's reads of its other arrays still finish and call back
-    into orbax's event loop, already closed: each prints an unraisable `RuntimeError: Event loop is closed`
-    traceback that buries the one-line warning. Only those are dropped."""
-    previous = sys.unraisablehook
+class _FirstLineOfBackgroundErrors(logging.Filter):
+    """A save that fails in orbax's writer threads (a full disk, say) is logged by each thread with its whole
+    traceback, then raised in the caller, which reports it in one line: orbax's records keep their first line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _drop_closed_loop_noise(previous=sys.unraisablehook):
+    """When a save or a read fails midway, tensorstore's other transfers still finish and call back into orbax's
+    event loop, already closed: each prints an unraisable `RuntimeError: Event loop is closed` traceback that
+    buries the real error. Only those are dropped."""
 
     def hook(unraisable):
         e = unraisable.exc_value
         if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
             previous(unraisable)
 
-    sys.unraisablehook = hook
-    try:
-        yield
-    finally:
-        sys.unraisablehook = previous
+    return hook
+
+
+logging.getLogger("absl").addFilter(_FirstLineOfBackgroundErrors())  # orbax logs through absl
+sys.unraisablehook = _drop_closed_loop_noise()
 
 
 def _check_like(state: Any, abstract_state: Any) -> None:

@@ -503,3 +503,16 @@ def test_checkpoint_saved_before_fingerprints_still_restores_with_a_warning(tmp_
         restored, meta = ckpts.restore_latest(abstract)
     ckpts.close()
     assert meta == {"step": 5} and np.array_equal(restored["w"], state["w"])
+
+
+def test_a_full_disk_stops_training_in_a_few_readable_lines(tiny_smol_dir, data_dir, tmp_path):
+    """Writes past a file-size limit fail in orbax's writer threads as a full disk does (EFBIG for ENOSPC): each
+    thread logs one line, the run stops with a one-line error, no traceback, and no half-written step is left."""
+    env = {k: v for k, v in CLI_ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the cache's writes would fail too
+    limited = ["bash", "-c", 'ulimit -f 1024 && trap "" XFSZ && exec "$@"', "-"]  # 1 MiB per file; EFBIG, no signal
+    proc = subprocess.run(limited + train_command(tiny_smol_dir, data_dir, tmp_path / "run"), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(lines) < 30, proc.stderr[-3000:]
+    assert lines[-1].startswith("jax_implicit.train: error: ") and "Error writing" in lines[-1]
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
