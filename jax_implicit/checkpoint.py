@@ -16,7 +16,6 @@ global arrays; orbax coordinates the writes, so the directory must be one that a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil

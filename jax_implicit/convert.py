@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -88,10 +89,8 @@ class _Reader:
             files = sorted(p.name for p in path.glob("*.safetensors"))
         self.torch_state = None
         if files:
-            from safetensors import safe_open
-            self.files = {f: safe_open(path / f, framework="flax") for f in files}
-            self.where = {name: f for f, h in self.files.items() for name in h.keys()}
-            self.shapes = {n: tuple(self.files[f].get_slice(n).get_shape()) for n, f in self.where.items()}
+            self.entries = {name: (path / f, *entry) for f in files for name, entry in _safetensors_header(path / f).items()}
+            self.shapes = {name: e[2] for name, e in self.entries.items()}
         else:
             bins = sorted(path.glob("pytorch_model*.bin"))
             if not bins:
@@ -101,14 +100,35 @@ class _Reader:
             self.torch_state = {}
             for b in bins:
                 self.torch_state.update(torch.load(b, map_location="cpu", weights_only=True, mmap=True))
-            self.where = {n: None for n in self.torch_state}
             self.shapes = {n: tuple(t.shape) for n, t in self.torch_state.items()}
 
     def read(self, name: str) -> np.ndarray:
         if self.torch_state is not None:
             t = self.torch_state[name]
             return t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()
-        return np.asarray(self.files[self.where[name]].get_tensor(name))
+        file, dtype, shape, offset = self.entries[name]
+        return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+# safetensors dtype names -> numpy (ml_dtypes for bfloat16, which numpy lacks)
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _safetensors_header(file: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+    """name -> (dtype, shape, byte offset of the data) from a safetensors file's JSON header. Tensors are then
+    memory-mapped as numpy arrays: no JAX array is made (nor compiled for) before every value is checked."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{file}: tensor {name} has dtype {entry['dtype']}, which this reader does not know")
+        out[name] = (SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + size + entry["data_offsets"][0])
+    return out
 
 
 def _check_tensors(reader: _Reader, cfg: M.ModelConfig, layout: dict) -> None:

@@ -82,9 +82,10 @@ def test_flipped_bit_in_newest_checkpoint_falls_back_and_resaves(undisturbed, ti
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(result.state)))
 
 
-def fails_before_compiling(fn, error, match: str):
-    """`fn()` raises `error` with a one-line message matching `match`, and nothing was compiled first."""
-    listener = CompileEvents()
+def fails_before_compiling(fn, error, match: str, counted: str = "compil"):
+    """`fn()` raises `error` with a one-line message matching `match`, and nothing was compiled first (no JAX
+    event whose name holds `counted`: by default tracing too)."""
+    listener = CompileEvents(counted)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         with pytest.raises(error, match=match) as caught:
@@ -442,9 +443,9 @@ def test_small_generation_faults_fail_in_one_line_before_compiling(tiny_smol_dir
 def test_nan_weights_are_named_while_loading_before_any_decoding(broken_inputs, instructions, tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "generate", lambda *a, **k: pytest.fail("decoded with NaN weights"))
     cfg = generate_config(broken_inputs / "nan_weights", instructions, tmp_path / "out.json")
-    with pytest.raises(ValueError, match=r"nan_weights: tensor model.layers.1.mlp.up_proj.weight holds non-finite "
-                                         r"values$"):
-        generate.run(cfg)
+    fails_before_compiling(lambda: generate.run(cfg), ValueError,  # the model's shapes are traced, nothing compiled
+                           r"nan_weights: tensor model.layers.1.mlp.up_proj.weight holds non-finite values$",
+                           counted="backend_compile")
     assert not (tmp_path / "out.json").exists()
 
 

@@ -118,6 +118,19 @@ def test_load_pytorch_bin(tiny_hf, tmp_path):
                                   np.asarray(jax_logits(convert.load_hf(src), ids, mask)))
 
 
+def test_bfloat16_and_float16_safetensors_read_exactly(tiny_hf, tmp_path):
+    """Half-precision files (most hub checkpoints) are memory-mapped with numpy dtypes, each value as torch has it."""
+    from jax_implicit.convert import _Reader
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_hf("llama_gqa_tied"), dtype=torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = tmp_path / str(dtype)
+        hf.to(dtype).save_pretrained(out)
+        reader, state = _Reader(out), hf.state_dict()
+        for name in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"):
+            np.testing.assert_array_equal(np.asarray(reader.read(name), np.float32), state[name].float().numpy())
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
