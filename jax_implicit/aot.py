@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh
 
-from jax_implicit import decode
+from jax_implicit import decode, pinning
 from jax_implicit import train_step as steps
 from jax_implicit import model as M
 from jax_implicit.sharding import MESH_AXES, RULES, Sharder, mesh_shape
@@ -140,13 +140,15 @@ def train_step(cfg: M.ModelConfig, sh: Sharder, micro_batch: int, seq: int, avai
     abstract, _ = steps.abstract_state(cfg, optimizer, 0, sh)  # full finetuning: nothing frozen
     state_sh = jax.tree.map(lambda s: s.sharding, abstract)
     batch_sh = sh.rows((micro_batch, seq))
-    graphdef = nnx.split(sh.pin_activations(M.abstract(cfg)))[0]
+    graphdef = nnx.split(M.abstract(cfg))[0]
     micro, _ = steps.build_steps(graphdef, optimizer, state_sh, batch_sh)
     accum = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), abstract["params"])
     batch = {k: jax.ShapeDtypeStruct((micro_batch, seq), dt, sharding=batch_sh)
              for k, dt in (("tokens", jnp.int32), ("mask", jnp.bool_), ("weights", jnp.float32))}
     args = (abstract["params"], accum, batch, {})  # no frozen weights
-    return _compile(micro.lower(*args), _per_device(args), _per_device(abstract["opt_state"]), available)
+    with pinning.active(sh):
+        lowered = micro.lower(*args)
+    return _compile(lowered, _per_device(args), _per_device(abstract["opt_state"]), available)
 
 
 def decode_program(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int, prompt: int, available: int) -> Compiled:
@@ -155,15 +157,16 @@ def decode_program(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int, prom
     graphdef, state = nnx.split(decoder)
     shardings = sh.tree(state, M.logical_axes(decoder))
     state = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), state, shardings)
-    decoder = sh.pin_activations(nnx.merge(graphdef, state))
+    decoder = nnx.merge(graphdef, state)
     cache = jax.eval_shape(lambda: M.KVCache.init(cfg, batch, slots))
     cache = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), cache, sh.cache(cache))
     rows = sh.rows((batch, prompt))
     ids, mask = (jax.ShapeDtypeStruct((batch, prompt), dt, sharding=rows) for dt in (jnp.int32, jnp.bool_))
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=sh.replicated)
     eos = jax.ShapeDtypeStruct((len(cfg.eos_token_ids) or 1,), jnp.int32, sharding=sh.replicated)
-    lowered = decode._generate_jit.lower(decoder, ids, mask, mask, cache, None, eos, scalar(jnp.float32),
-                                         scalar(jnp.float32), None, max_new_tokens=slots - prompt + 1)
+    with pinning.active(sh):
+        lowered = decode._generate_jit.lower(decoder, ids, mask, mask, cache, None, eos, scalar(jnp.float32),
+                                             scalar(jnp.float32), None, max_new_tokens=slots - prompt + 1)
     return _compile(lowered, _per_device((state, ids, mask, mask, cache)), 0, available)
 
 

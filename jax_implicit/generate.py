@@ -45,7 +45,7 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
     them (`sharding.py`); process 0 writes."""
     from tqdm import tqdm
 
-    from jax_implicit import decode, distributed, model, pretrained, rules
+    from jax_implicit import decode, distributed, model, pinning, pretrained, rules
     from jax_implicit.sharding import Sharder
 
     import jax
@@ -66,10 +66,10 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
         raise ValueError(f"{cfg.data.instructions}: {err}") from None
     generator, output = names(cfg)
     lock = runlock.hold(runlock.beside(output), f"output {output}") if distributed.is_writer() else nullcontext()
-    with lock:  # the writer's lock also proves the folder writable, before the model loads
+    sh = Sharder.from_config(cfg.mesh, devices)
+    with lock, pinning.active(sh):  # the writer's lock also proves the folder writable, before the model loads
         keep = partial.Partial(partial.path_for(output), dict(config=json.loads(cfg.to_json_best_effort()),
                                                               rows=rows, weights=partial.stamp(path)))
-        sh = Sharder.from_config(cfg.mesh, devices)
         decoder = pretrained.load(cfg.model, sh, path)
         tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
 

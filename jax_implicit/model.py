@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_implicit import memory
+from jax_implicit import memory, pinning
 from jax_implicit.model_config import DTYPES, ModelConfig, from_hf_config, to_hf_config  # noqa: F401 -- M.*
 from jax_implicit.projection import project
 
@@ -83,10 +82,6 @@ class KVCache:
 
 
 class Decoder(nnx.Module):
-    # Optional `fn(x, logical_axes) -> x` pinning activations to a mesh (`sharding.Sharder` sets it).
-    # Static, so it is part of the graphdef and of jit's cache key. None: shardings propagate from inputs.
-    activation_sharding: Any = None
-
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pdt = DTYPES[cfg.param_dtype]
@@ -104,7 +99,7 @@ class Decoder(nnx.Module):
         x, cache = self.hidden(tokens, positions, mask, cache, dropout_key)
         dt = DTYPES[self.cfg.dtype]
         logits = jnp.einsum("btd,vd->btv", x, self.head()[...].astype(dt), preferred_element_type=jnp.float32)
-        return (self.activation_sharding or (lambda a, _: a))(logits, ("batch", "seq", "vocab")), cache
+        return pinning.constrain(logits, ("batch", "seq", "vocab")), cache
 
     def head(self) -> nnx.Param:
         """The output embedding (vocab, embed): the input embedding when tied."""
@@ -124,11 +119,10 @@ class Decoder(nnx.Module):
         """
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
-        pin = self.activation_sharding or (lambda a, _: a)
         x = self.embed[...].astype(dt)[tokens]
         if cfg.scale_embeddings:  # in the compute dtype, like HF's Gemma
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), jnp.float32).astype(dt)
-        x = pin(x, ("batch", "seq", None))
+        x = pinning.constrain(x, ("batch", "seq", None))
         seq = tokens.shape[1]
         if cache is None:
             key_valid, q_slot = mask, jnp.arange(seq)
@@ -147,7 +141,7 @@ class Decoder(nnx.Module):
             rope = sliding.astype(jnp.int32) * (len(tables) - 1)  # the local base if there is one
             x, kv = _block(cfg, w, x, cos[rope], sin[rope], jnp.where(sliding, attend & near, attend), kv,
                            None if cache is None else (i, cache.index))
-            return (pin(x, ("batch", "seq", None)), kv), None
+            return (pinning.constrain(x, ("batch", "seq", None)), kv), None
 
         kv_in = None if cache is None else (cache.k, cache.v)
         sliding = jnp.asarray(cfg.sliding_layers)

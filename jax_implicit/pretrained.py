@@ -30,17 +30,15 @@ def locate(model: ConfigDict) -> tuple[Path, object]:
     return path, load_tokenizer(model.tokenizer or path)
 
 
-def load_with_tokenizer(model: ConfigDict, mesh: ConfigDict | None = None) -> tuple[M.Decoder, object]:
-    """`locate` then `load`; with a `config.mesh()` section the weights are read into their shards on that mesh."""
-    from jax_implicit.sharding import Sharder
-
+def load_with_tokenizer(model: ConfigDict, sharder: Sharder | None = None) -> tuple[M.Decoder, object]:
+    """`locate` then `load`."""
     path, tokenizer = locate(model)
-    return load(model, None if mesh is None else Sharder.from_config(mesh), path), tokenizer
+    return load(model, sharder, path), tokenizer
 
 
 def load(model: ConfigDict, sharder: Sharder | None = None, path: Path | None = None) -> M.Decoder:
     """The weights of a `config.model()` section in its dtypes; with a `Sharder`, read straight into their
-    shards with activations pinned to its mesh. `path`: the folder `locate` found."""
+    shards (compute with it inside `pinning.active(sharder)`). `path`: the folder `locate` found."""
     from jax_implicit import convert
 
     path = path or model_dir(model.path)

@@ -24,7 +24,7 @@ its vocabulary are still split. A mesh axis is used at most once per array (firs
 Typical use (train/decode; tests/test_sharding.py `compiled` does exactly this):
 
     sh = Sharder.from_config(cfg.mesh)
-    decoder = sh.load_hf(path, param_dtype=..., dtype=...)  # read straight into shards, activations pinned
+    decoder = sh.load_hf(path, param_dtype=..., dtype=...)  # read straight into shards
     graphdef, params = nnx.split(decoder)
     axes = model.logical_axes(decoder)
     p_sh = sh.tree(params, axes)                            # params, grads, accumulators
@@ -34,6 +34,8 @@ Typical use (train/decode; tests/test_sharding.py `compiled` does exactly this):
                    donate_argnums=(0, 1))
     batch = sh.global_batch(rows_of_this_process, global_rows)  # rows: distributed.local_rows(sh.rows(shape), shape)
     cache = sh.put(cache, sh.cache(cache))                  # KV cache: rows like the batch, KV heads like params
+    with pinning.active(sh):                                # the model pins its activations while traced here
+        params, opt_state = step(params, opt_state, batch)
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class Sharder:
     mesh: Mesh
     rules: Mapping[str, tuple[str, ...]]
 
-    def __hash__(self) -> int:  # hashable: its `constrain` is a static attribute of the Decoder (graphdef)
+    def __hash__(self) -> int:  # hashable: `pinning.active` makes it the value of a jit-cache-sensitive context
         return hash((self.mesh, tuple(sorted(self.rules.items()))))
 
     def __post_init__(self):
@@ -236,18 +238,8 @@ class Sharder:
         from jax_implicit import convert
 
         cfg = M.from_hf_config(path)
-        return self.pin_activations(convert.load_hf(path, sharding=self.hf_sharding(cfg), **kw))
+        return convert.load_hf(path, sharding=self.hf_sharding(cfg), **kw)
 
     def place(self, decoder: M.Decoder) -> M.Decoder:
         """An existing (e.g. freshly initialised) Decoder moved onto the mesh by its logical axes."""
-        return self.pin_activations(self.put(decoder, self.tree(decoder, M.logical_axes(decoder))))
-
-    def pin_activations(self, decoder: M.Decoder) -> M.Decoder:
-        """Make the decoder constrain its residual stream to (batch, seq, -) and logits to (batch, seq, vocab).
-
-        Without this, XLA is free to keep FSDP weights split along `embed` and compute every
-        activation for the whole batch on every device (partial sums + all-reduce): correct, but
-        neither memory nor compute would shrink with the mesh.
-        """
-        decoder.activation_sharding = self.constrain
-        return decoder
+        return self.put(decoder, self.tree(decoder, M.logical_axes(decoder)))

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, data, distributed, export, files, lora, memory, metrics, pretrained, runlock
+from jax_implicit import checkpoint, data, distributed, export, files, lora, memory, metrics, pinning, pretrained, runlock
 from jax_implicit import model as M
 from jax_implicit import train_step as S
 from jax_implicit.plan import activation_bytes
@@ -113,6 +113,7 @@ def setup(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Ex
     writer = distributed.is_writer()
     check_config(cfg)
     sh = _config_error(Sharder.from_config, cfg.mesh, devices)
+    held.enter_context(pinning.active(sh))  # the model pins its activations to this mesh for the whole run
     t, d = cfg.train, cfg.data
     rows = data.load_rows(d)
     model_dir, tokenizer = _config_error(pretrained.locate, cfg.model)
@@ -139,7 +140,7 @@ def setup(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Ex
     optimizer = S.make_optimizer(cfg.optim, data.steps_per_epoch(len(train_ids), t.global_batch) * t.epochs)
     ckpts = checkpoint.Checkpoints(out / "checkpoints", t.checkpoint_every, t.max_to_keep)
     held.callback(ckpts.close)
-    graphdef = nnx.split(sh.pin_activations(lora.abstract(model_cfg, cfg.lora)))[0]
+    graphdef = nnx.split(lora.abstract(model_cfg, cfg.lora))[0]
     abstract, frozen_abstract = S.abstract_state(model_cfg, optimizer, t.seed, sh, cfg.lora)
     state_sh, frozen_sh = (jax.tree.map(lambda s: s.sharding, a) for a in (abstract, frozen_abstract))
     restored = ckpts.restore_latest(abstract)  # orbax reads each array straight into its shards

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, lora, memory
+from jax_implicit import checkpoint, lora, memory, pinning
 from jax_implicit import model as M
 from jax_implicit.sharding import Sharder
 
@@ -56,7 +56,7 @@ def loss_sum(params: dict, graphdef: nnx.GraphDef, batch: dict) -> jax.Array:
     targets = jnp.roll(tokens, -1, axis=1)  # the wrapped-around last target has weight 0
     weights = jnp.pad(batch["weights"][:, 1:], ((0, 0), (0, 1)))
     return memory.cross_entropy_sum(hidden, model.head()[...], targets, weights, model.cfg.loss_chunk,
-                                    model.activation_sharding or (lambda a, _: a))
+                                    pinning.constrain)
 
 
 def loss_weights(micro_batches: list[dict], reduction: str) -> list[np.ndarray]:

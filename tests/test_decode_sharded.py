@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from jax_implicit import convert, decode, generate, rules
+from jax_implicit import convert, decode, generate, pinning, rules
 from jax_implicit import model as M
 from jax_implicit.sharding import Sharder, make_mesh, RULES
 
@@ -43,7 +43,8 @@ def test_rules_decoding_on_mesh_equals_one_device(tiny_smol_dir, setup, shape):
     cache = M.KVCache.init(decoder.cfg, ids.shape[0], ids.shape[1] + NEW_TOKENS - 1)
     cache = sh.put(cache, sh.cache(cache))
     assert len(decoder.embed[...].sharding.device_set) == 8
-    tokens, lengths = decode.generate(decoder, ids, mask, cache=cache, **args)
+    with pinning.active(sh):
+        tokens, lengths = decode.generate(decoder, ids, mask, cache=cache, **args)
     np.testing.assert_array_equal(np.asarray(tokens), want_tokens)
     np.testing.assert_array_equal(np.asarray(lengths), want_lengths)
 

@@ -98,13 +98,17 @@ def test_gemma_parameters_declare_logical_axes():
 
 def test_tiny_gemma_sharded_fsdp_tp_equals_one_device(tiny_gemma):
     """The new parameters' logical axes place them on a mesh (tensor=4 splits heads, MLP, vocabulary)."""
+    from jax_implicit import pinning
     from jax_implicit.sharding import Sharder
 
-    sharded = Sharder.from_config(dict(data=1, fsdp=2, tensor=4, rules="fsdp_tp")).load_hf(tiny_gemma)
+    sh = Sharder.from_config(dict(data=1, fsdp=2, tensor=4, rules="fsdp_tp"))
+    sharded = sh.load_hf(tiny_gemma)
     assert sharded.layers.q_norm[...].sharding.is_fully_replicated  # head_dim and norm stay whole
     assert not sharded.layers.w_gate[...].sharding.is_fully_replicated
     ids, mask = padded_batch(256)
-    assert_reorder_close(jax_logits(sharded, ids, mask), jax_logits(convert.load_hf(tiny_gemma), ids, mask))
+    with pinning.active(sh):
+        on_mesh = jax_logits(sharded, ids, mask)
+    assert_reorder_close(on_mesh, jax_logits(convert.load_hf(tiny_gemma), ids, mask))
 
 
 @pytest.mark.parametrize("change, message", [

@@ -148,7 +148,7 @@ method = distributed.initialize()
 import jax
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax_implicit import convert, model as M
+from jax_implicit import convert, model as M, pinning
 from jax_implicit.sharding import Sharder
 
 tiny, out, ids, mask = sys.argv[1], sys.argv[2], np.load(sys.argv[3]), np.load(sys.argv[4])
@@ -158,7 +158,8 @@ batch = sh.global_batch({"ids": ids[rows], "mask": mask[rows]}, len(ids))  # thi
 decoder = sh.load_hf(tiny)  # each process fills only the shards of its own devices
 graphdef, params = nnx.split(decoder)
 fwd = lambda p, b: nnx.merge(graphdef, p)(b["ids"], M.positions_from_mask(b["mask"]), b["mask"])[0]
-logits = jax.jit(fwd, in_shardings=(sh.tree(params, M.logical_axes(decoder)), sh.batch(batch)))(params, batch)
+with pinning.active(sh):
+    logits = jax.jit(fwd, in_shardings=(sh.tree(params, M.logical_axes(decoder)), sh.batch(batch)))(params, batch)
 logits = multihost_utils.process_allgather(logits, tiled=True)
 convert.export_hf(decoder, out + "/export")  # every process gathers; process 0 writes
 if distributed.is_writer():

@@ -12,7 +12,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 from test_model import padded_batch
 
-from jax_implicit import convert
+from jax_implicit import convert, pinning
 from jax_implicit import model as M
 from jax_implicit.sharding import RULES, Sharder, make_mesh, mesh_shape
 from tolerances import assert_reorder_close
@@ -91,6 +91,11 @@ def compiled(graphdef, params, batch, cache, sh: Sharder | None) -> dict:
 
 def run_all(decoder, batch, sh: Sharder | None) -> dict:
     """Logits, greedy tokens (prefill + DECODE_STEPS) and params after two Adam steps."""
+    with pinning.active(sh):
+        return _run_all(decoder, batch, sh)
+
+
+def _run_all(decoder, batch, sh: Sharder | None) -> dict:
     graphdef, params = nnx.split(decoder)
     cache = M.KVCache.init(decoder.cfg, len(LENGTHS), CACHE_LEN)
     fn = compiled(graphdef, params, batch, cache, sh)
@@ -262,3 +267,24 @@ def test_smollm2_real_weights_load_into_shards(smollm2_dir):
     # logits reach |32|; on one device, merely running the rows one at a time already moves them by 4.8e-4
     np.testing.assert_allclose(np.asarray(out)[batch["mask"]], ref[batch["mask"]], atol=1e-3, rtol=0)
     assert (np.asarray(out).argmax(-1) == ref.argmax(-1))[batch["mask"]].all()
+
+
+def test_activations_are_pinned_inside_the_context_only_and_jit_traces_again(tiny_dir):
+    """The model always calls `pinning.constrain`; the mesh and rules come from `pinning.active`, which is part of
+    jit's cache key: the same jitted function traced outside the context is traced again inside it."""
+    sh = sharder((1, 4, 2))
+    graphdef, params = nnx.split(sh.load_hf(tiny_dir))
+    batch = sh.put(left_padded(256), sh.batch(left_padded(256)))
+    traces = []
+    f = jax.jit(lambda p, b: traces.append(1) or forward(p, b, graphdef))
+    constraints = lambda: f.lower(params, batch).as_text().count("sharding_constraint")
+    outside = constraints()
+    with pinning.active(sh):
+        inside = constraints()
+        pinned = f(params, batch)
+    assert outside == 0 and inside >= 3 and len(traces) == 2  # embeddings, the scanned layer, logits; one trace each
+    assert pinned.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor")  # (batch, seq, vocab)
+    fsdp = sharder((1, 8, 1), "fsdp")
+    with pinning.active(fsdp):  # another mesh and rule table: traced again
+        assert f(params, batch).sharding.is_equivalent_to(fsdp.named(("batch", "seq", "vocab"), (8, 8, 256)), 3)
+    assert len(traces) == 3

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from jax_implicit import files, partial, pretrained, runlock
+from jax_implicit import files, partial, pinning, pretrained, runlock
 from jax_implicit.evaluate import layout
 
 GPT4 = "weighted_alpaca_eval_gpt4_turbo"
@@ -89,11 +89,11 @@ def summarize(folder: Path, name: str) -> dict:
                 mean_preference=sum(a["preference"] for a in annotations) / len(annotations))
 
 
-def _local_judge(cfg, keep: partial.Partial):
+def _local_judge(cfg, keep: partial.Partial, sharder):
     from jax_implicit.evaluate import judge
 
     template = judge.template_path(cfg.judge.prompt_template)
-    decoder, tokenizer = pretrained.load_with_tokenizer(cfg.judge.model, cfg.judge.mesh if cfg.judge.sharded else None)
+    decoder, tokenizer = pretrained.load_with_tokenizer(cfg.judge.model, sharder)
     local = judge.LocalJudge(decoder, tokenizer, name=Path(cfg.judge.model.path).name,
                              answers=tuple(cfg.judge.answers), batch_tokens=cfg.judge.batch_tokens, keep=keep)
     return lambda tmp: dict(annotators_config=str(judge.write_config(tmp / "judge", local, template)),
@@ -155,10 +155,13 @@ def run(cfg) -> dict:
         if kind == "local":
             settings = dict(judge=cfg.judge.to_dict(), weights=partial.stamp(pretrained.model_dir(cfg.judge.model.path)))
             keep = partial.Partial(partial.path_for(out), settings)
-        judge_kwargs = _local_judge(cfg, keep) if kind == "local" else _gpt4_judge(out)
+        from jax_implicit.sharding import Sharder
+
+        sh = Sharder.from_config(cfg.judge.mesh) if kind == "local" and cfg.judge.sharded else None
+        judge_kwargs = _local_judge(cfg, keep, sh) if kind == "local" else _gpt4_judge(out)
         import alpaca_eval.main
 
-        with files.atomic_dir(out) as tmp:
+        with files.atomic_dir(out) as tmp, pinning.active(sh):
             alpaca_eval.main.evaluate(
                 model_outputs=pd.DataFrame(outputs).assign(generator=name), reference_outputs=pd.DataFrame(references),
                 output_path=tmp, precomputed_leaderboard=None, is_return_instead_of_print=True,

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from jax_implicit import datasets, files, partial, pretrained, prompts, runlock
+from jax_implicit import datasets, files, partial, pinning, pretrained, prompts, runlock
 from jax_implicit.evaluate import layout, scoring
 
 
@@ -93,9 +93,13 @@ def run(cfg) -> dict:
     with runlock.hold(runlock.beside(out), f"output {out}"):  # also: the folder is writable, before any model work
         keep = partial.Partial(partial.path_for(out), dict(model=cfg.model.to_dict(), batch_tokens=cfg.batch_tokens,
                                                            weights=partial.stamp(pretrained.model_dir(cfg.model.path))))
-        decoder, tokenizer = pretrained.load_with_tokenizer(cfg.model, cfg.mesh if cfg.sharded else None)
-        result = rank(decoder, tokenizer, rows, k=cfg.k, seed=cfg.run.seed, tag_set=cfg.tag_set,
-                      max_seq_length=cfg.max_seq_length, batch_tokens=cfg.batch_tokens, keep=keep)
+        from jax_implicit.sharding import Sharder
+
+        sh = Sharder.from_config(cfg.mesh) if cfg.sharded else None
+        with pinning.active(sh):
+            decoder, tokenizer = pretrained.load_with_tokenizer(cfg.model, sh)
+            result = rank(decoder, tokenizer, rows, k=cfg.k, seed=cfg.run.seed, tag_set=cfg.tag_set,
+                          max_seq_length=cfg.max_seq_length, batch_tokens=cfg.batch_tokens, keep=keep)
         result.update(model=str(cfg.model.path), data=str(cfg.data))
         files.write_json(out, result)
         keep.finish()
