@@ -162,8 +162,8 @@ def test_non_json_and_missing_files(tmp_path):
 
 
 def test_buckets_order_and_micro_batches():
-    assert data.buckets(2048, 256) == (256, 512, 1024, 2048)
-    assert data.buckets(100, 64) == (64, 100)
+    assert data.buckets(2048, 256) == (256, 384, 512, 768, 1024, 1536, 2048)
+    assert data.buckets(100, 64) == (64, 96, 100)
     key = np.array([0, 7], np.uint32)
     a, b = data.epoch_order(10, key, 0), data.epoch_order(10, key, 1)
     assert sorted(a) == list(range(10)) and not np.array_equal(a, b)
