@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from forward import median_seconds  # benchmarks/forward.py, beside this script
 from transformers import AutoTokenizer
 
 from jax_implicit import convert, pretrained
 from jax_implicit import model as M
 from jax_implicit.evaluate import ranking, scoring
-
-
-def seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -58,14 +49,14 @@ def main() -> None:
     start = time.perf_counter()
     score()
     warm = time.perf_counter() - start
-    scoring_s = seconds(score, args.repeats)
+    scoring_s = median_seconds(score, args.repeats)
 
     width = 256
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 49152, (args.batch_tokens // width, width)), jnp.int32)
     mask = jnp.ones(ids.shape, bool)
     forward = jax.jit(lambda d, t, m: d(t, M.positions_from_mask(m), m)[0])
     forward(decoder, ids, mask).block_until_ready()
-    forward_s = seconds(lambda: forward(decoder, ids, mask).block_until_ready(), args.repeats)
+    forward_s = median_seconds(lambda: forward(decoder, ids, mask).block_until_ready(), args.repeats)
 
     print(f"SmolLM2-135M float32, {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}, jax {jax.__version__}")
     print(f"  scoring : {real / scoring_s:8.0f} real tokens/s  ({len(seqs)} sequences, {real} tokens, padding "
