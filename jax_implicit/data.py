@@ -2,42 +2,37 @@
 
 Every dataset becomes rows in the open-instruct `messages` format the authors trained on
 (`{"dataset", "id", "messages": [{"role", "content"}]}`), built exactly as their `data/processed/*/make_*.py`
-scripts built them. Rows load from the public dataset id with `datasets` or from a local JSON/JSONL file or
-folder; a row that already holds `messages` is taken as it is, so the authors' own files load unchanged.
+scripts built them (`formats.py`). Rows load from the public dataset id with `datasets` or from a local
+JSON/JSONL file or folder; a row that already holds `messages` is taken as it is, so the authors' own files
+load unchanged. Batches of the tokens are `batching.py`'s.
 Tokenization and masking follow their `encode_with_messages_format`: masks come from token counts of
 prefixes, so they are what their training saw, not a re-derivation.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import json
 import itertools
-import math
+import json
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 from ml_collections import ConfigDict
 
-from jax_implicit import datasets, files, prompts, refusals
+from jax_implicit import datasets, files, formats, prompts, refusals
+from jax_implicit.formats import DATASETS, DataError
 
 MODES = ("instruction", "response", "single_task")
 SINGLE_TASK = ("gsm8k", "mbpp", "poetry", "recipes", "chess")
-ROLES = ("system", "user", "assistant")
 CHAT_FORMATS = ("paper", "rt")  # the paper's authors' format, or Response Tuning's (An et al.)
 RT_MARKER = "\n<|assistant|>\n"  # RT's TRL response template; its first three token ids are dropped
-
-
-class DataError(ValueError):
-    """Bad training data or data settings, reported before anything compiles."""
 
 
 def data_config(name: str = "lima", path: str = "", mode: str = "instruction", tag_set: str = "user_assistant",
                 max_seq_length: int = 2048, limit: int = 0, bucket_min: int = 64, chat_format: str = "paper") -> ConfigDict:
     """`path`: a file or folder, a named dataset or a hub id to read instead of the name's own source; `limit`:
-    keep the first N examples (0: all); `bucket_min`: the shortest padded length (buckets double up to
+    keep the first N examples (0: all); `bucket_min`: the shortest padded length (`batching.sizes` up to
     `max_seq_length`); `chat_format`: one of CHAT_FORMATS (`encode` or `encode_rt`); `refusals`: refusals
     mixed in (`refusals.refusal_config`; kind "" adds none)."""
     return ConfigDict(dict(name=name, path=path, mode=mode, tag_set=tag_set, max_seq_length=max_seq_length,
@@ -45,114 +40,7 @@ def data_config(name: str = "lima", path: str = "", mode: str = "instruction", t
                            refusals=refusals.refusal_config()))
 
 
-# ----------------------------------------------------------------------------- rows by name
-
-
-def _field(row: dict, key: str, where: str):
-    if not isinstance(row, dict) or row.get(key) is None:
-        have = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise DataError(f"{where}: missing field {key!r} (row has {have})")
-    return row[key]
-
-
-def _chat(name: str, i: int, user: str, assistant: str) -> dict:
-    return {"dataset": name, "id": f"{name}_{i}",
-            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
-
-
-def _lima(rows: Iterable[tuple[int, dict]], where: Callable[[int], str]) -> Iterator[dict]:
-    """GAIR/lima rows hold `conversations`, alternating user and assistant turns."""
-    for i, row in rows:
-        turns = _field(row, "conversations", where(i))
-        roles = ("user", "assistant")
-        yield {"dataset": "lima", "id": f"lima_{i}",
-               "messages": [{"role": roles[k % 2], "content": t} for k, t in enumerate(turns)]}
-
-
-def _with_input(instruction: str, extra: str) -> str:
-    return f"{instruction}\n\n{extra}" if extra else instruction
-
-
-def _alpaca(rows, where) -> Iterator[dict]:
-    for i, row in rows:
-        user = _with_input(_field(row, "instruction", where(i)), row.get("input") or "")
-        yield _chat("alpaca", i, user, _field(row, "output", where(i)))
-
-
-def _dolly(rows, where) -> Iterator[dict]:
-    """databricks-dolly-15k (`instruction, context, response`) or its `instruction, input, output` copies."""
-    for i, row in rows:
-        answer = "response" if "response" in row else "output"
-        user = _with_input(_field(row, "instruction", where(i)), row.get("context") or row.get("input") or "")
-        yield _chat("dolly", i, user, _field(row, answer, where(i)))
-
-
-def _gsm8k(rows, where) -> Iterator[dict]:
-    for i, row in rows:
-        yield _chat("gsm8k", i, _field(row, "question", where(i)), _field(row, "answer", where(i)))
-
-
-def _mbpp(rows, where) -> Iterator[dict]:
-    for i, row in rows:
-        yield _chat("mbpp", i, _field(row, "text", where(i)), _field(row, "code", where(i)))
-
-
-def _poetry(rows, where) -> Iterator[dict]:
-    for i, row in rows:
-        if not isinstance(row, dict) or "poem name" not in row:
-            _field(row, "poem name", where(i))
-        if row["poem name"] is None:  # the authors skipped unnamed poems
-            continue
-        yield _chat("merve_poetry", i, "Write a poem called " + row["poem name"], _field(row, "content", where(i)))
-
-
-def _recipes(rows, where) -> Iterator[dict]:
-    for i, row in rows:
-        ingredients = _field(row, "Cleaned_Ingredients", where(i))
-        if isinstance(ingredients, str):  # the hub stores a Python list literal
-            try:
-                ingredients = ast.literal_eval(ingredients)
-            except (ValueError, SyntaxError) as e:
-                raise DataError(f"{where(i)}: Cleaned_Ingredients is not a list literal ({e})") from None
-        body = "".join(f" - {x}\n" for x in ingredients) + "\n\n" + _field(row, "Instructions", where(i))
-        yield _chat("kfr", i, "Recipe for " + _field(row, "Title", where(i)), body)
-
-
-def _chess(rows, where) -> Iterator[dict]:
-    """chess-pgn-games holds one PGN line per row: a game is its WhiteElo and BlackElo lines, then its moves."""
-    elo: list[str] = []
-    for i, row in rows:
-        text = _field(row, "text", where(i))
-        if "WhiteElo" in text or "BlackElo" in text:
-            elo.append(text)
-        elif text.startswith("1. "):
-            if len(elo) != 2:
-                raise DataError(f"{where(i)}: moves line without exactly one WhiteElo and one BlackElo line before it")
-            yield {"dataset": "pgn-patrickfrank1", "id": f"pgn-patrickfrank1-{i}",
-                   "messages": [{"role": "user", "content": elo[0] + "\n" + elo[1] + "\n"},
-                                {"role": "assistant", "content": text}]}
-            elo = []
-
-
-@dataclasses.dataclass(frozen=True)
-class Format:
-    """How a dataset's rows become `messages` rows (where they come from is `datasets.CATALOG`'s job)."""
-
-    convert: Callable
-    source_rows: int | None = None  # the authors read only the first N rows of the source
-    examples: int | None = None  # ... or stopped after N examples
-
-
-DATASETS: dict[str, Format] = {
-    "lima": Format(_lima),
-    "alpaca": Format(_alpaca),
-    "dolly": Format(_dolly),
-    "gsm8k": Format(_gsm8k, source_rows=1000),
-    "mbpp": Format(_mbpp, source_rows=1000),
-    "poetry": Format(_poetry, source_rows=1000),
-    "recipes": Format(_recipes, source_rows=1000),
-    "chess": Format(_chess, examples=1000),
-}
+# ----------------------------------------------------------------------------- rows
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -184,18 +72,6 @@ def _local_rows(path: Path) -> tuple[list, Callable[[int], str]]:
     return _read_rows(path), lambda i: f"{path} row {i}"
 
 
-def _check_messages(row: dict, where: str) -> dict:
-    messages = _field(row, "messages", where)
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list")
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: message {k} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.120}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant message")
-    return row
-
-
 def load_rows(cfg: ConfigDict) -> list[dict]:
     """The dataset `cfg.name` as `messages` rows, from `cfg.path` if given (a file or folder, another named
     dataset such as `lima_rephrased`, or a hub id), else from the named dataset's own source."""
@@ -224,7 +100,7 @@ def load_rows(cfg: ConfigDict) -> list[dict]:
     first = next(rows_in, None)
     rows_in = enumerate(itertools.chain([] if first is None else [first], rows_in))
     if isinstance(first, dict) and "messages" in first:  # already in the authors' format
-        rows = [_check_messages(row, where(i)) for i, row in itertools.islice(rows_in, src.examples)]
+        rows = [formats.check_messages(row, where(i)) for i, row in itertools.islice(rows_in, src.examples)]
     else:
         rows = list(itertools.islice(src.convert(rows_in, where), src.examples))
     rows = rows[:cfg.limit] if cfg.limit else rows
@@ -242,7 +118,7 @@ def _with_refusals(rows: list[dict], cfg: ConfigDict) -> list[dict]:
         extra = refusals.refusals(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from None
-    extra = [_check_messages(r, f"{refusals.source(cfg)} row {i}") for i, r in enumerate(extra)]
+    extra = [formats.check_messages(r, f"{refusals.source(cfg)} row {i}") for i, r in enumerate(extra)]
     return extra + rows if cfg.kind == "selective" else rows + extra
 
 
@@ -352,46 +228,3 @@ def tokenize(rows: list[dict], tokenizer, tag_set: str, max_len: int, name: str 
         raise DataError(f"dataset {name!r}: none of its {len(rows)} examples keeps a response token after "
                         f"truncation to {max_len} tokens")
     return Examples(ids, loss, dropped, names)
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-def buckets(max_len: int, bucket_min: int) -> tuple[int, ...]:
-    """Padded lengths: doubling from `bucket_min`, capped by `max_len` (one compilation each)."""
-    out = [bucket_min]
-    while out[-1] < max_len:
-        out.append(out[-1] * 2)
-    return tuple(min(b, max_len) for b in out)
-
-
-def epoch_order(n: int, key: np.ndarray, epoch: int) -> np.ndarray:
-    """The example order of one epoch: a permutation fixed by the run's PRNG key and the epoch."""
-    return np.random.default_rng([*np.asarray(key, np.uint32).tolist(), epoch]).permutation(n)
-
-
-def steps_per_epoch(n: int, global_batch: int) -> int:
-    return math.ceil(n / global_batch)
-
-
-def micro_batches(examples: Examples, indices: np.ndarray, micro: int, sizes: tuple[int, ...]) -> list[dict]:
-    """One global batch as fixed-shape micro-batches: sorted by length, each padded to its bucket.
-
-    Rows past the last example are all padding (mask False), so every micro-batch has `micro` rows.
-    Returns dicts of numpy arrays: tokens (micro, L) int32, mask (micro, L) bool, loss (micro, L) bool.
-    """
-    lengths = examples.lengths[indices]
-    ordered = indices[np.argsort(lengths, kind="stable")]
-    out = []
-    for lo in range(0, len(ordered), micro):
-        chunk = ordered[lo:lo + micro]
-        length = next(b for b in sizes if b >= examples.lengths[chunk].max())
-        batch = dict(tokens=np.zeros((micro, length), np.int32), mask=np.zeros((micro, length), bool),
-                     loss=np.zeros((micro, length), bool))
-        for r, i in enumerate(chunk):
-            n = len(examples.ids[i])
-            batch["tokens"][r, :n] = examples.ids[i]
-            batch["mask"][r, :n] = True
-            batch["loss"][r, :n] = examples.loss[i]
-        out.append(batch)
-    return out

@@ -1,5 +1,6 @@
 """Memory controls shared by training and inference: rematerialisation of the layer scan, a chunked
-cross-entropy, and the mixed-precision rule for training.
+token log-likelihood (training's cross-entropy and scoring's log-probabilities), and the mixed-precision
+rule for training.
 
 They are keys of the `config.model()` section (`remat`, `loss_chunk`, `bf16_master_weights`), so
 training, the planner and the compile check read the same values.
@@ -9,7 +10,7 @@ training, the planner and the compile check read the same values.
   backward pass; "full" keeps only each layer's input and recomputes the rest; "dots" keeps the
   outputs of the weight matmuls (dot products without batch dimensions, so not the attention
   scores) and recomputes norms, activations and attention.
-- `loss_chunk` > 0 computes the loss `loss_chunk` tokens at a time, recomputing each chunk's float32
+- `loss_chunk` > 0 computes the loss (and scores) `loss_chunk` tokens at a time, recomputing each chunk's float32
   logits in the backward pass, so the full (batch, seq, vocab) float32 logits never exist at once
   (Gemma 3's 262k vocabulary makes them the largest tensor of a step). 0: all tokens at once.
 - Training keeps float32 master weights and Adam moments and computes in `model.dtype`
@@ -26,6 +27,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jax_implicit import pinning
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
@@ -58,37 +61,40 @@ def precision_error(model_section: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _nll_sum(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
-             pin: Callable[[jax.Array, tuple], jax.Array]) -> jax.Array:
-    """sum(weights * cross-entropy) of float32 logits hidden @ head.T; hidden (B, T, D), head (V, D)."""
+def _logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array) -> jax.Array:
+    """log softmax(hidden @ head.T)[targets] in float32; hidden (B, T, D), head (V, D), targets (B, T)."""
     logits = jnp.einsum("btd,vd->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    logits = pin(logits, ("batch", "seq", "vocab"))
+    logits = pinning.constrain(logits, ("batch", "seq", "vocab"))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * weights)
+    return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
 
-def cross_entropy_sum(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int = 0,
-                      pin: Callable[[jax.Array, tuple], jax.Array] = lambda x, _: x) -> jax.Array:
-    """sum over tokens of weights * cross-entropy(hidden @ head.T, targets), `chunk` tokens at a time.
+def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk: int = 0) -> jax.Array:
+    """(B, T) float32 log-probabilities of `targets` under the logits hidden @ head.T, `chunk` tokens at a time.
 
-    hidden (B, T, D) are the final-norm outputs, head the (V, D) output embedding, targets and
-    weights (B, T). chunk 0 or >= T: in one piece. Otherwise the tokens are padded (weight 0) to a
-    multiple of `chunk` and scanned; each chunk's logits are recomputed in the backward pass, so at
-    most (B, chunk, V) float32 logits are alive at once. Same value and gradient up to float32 order.
+    The one token log-likelihood of training's loss and of scoring. hidden (B, T, D) are the final-norm
+    outputs, head the (V, D) output embedding, targets (B, T). chunk 0 or >= T: in one piece. Otherwise
+    the tokens are padded to a multiple of `chunk` and scanned; each chunk's logits are recomputed in the
+    backward pass, so at most (B, chunk, V) float32 logits are alive at once (Gemma 3's 262k vocabulary
+    makes the whole (B, T, V) the largest tensor of a step). Same values and gradients up to float32 order.
     """
-    b, t, d = hidden.shape
+    b, t, _ = hidden.shape
     if chunk <= 0 or chunk >= t:
-        return _nll_sum(hidden, head, targets, weights, pin)
+        return _logprobs(hidden, head, targets)
     n = -(-t // chunk)
-    pad = n * chunk - t
-    hidden, targets, weights = (jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
-                                for a in (hidden, targets, weights))
+    hidden, targets = (jnp.pad(a, ((0, 0), (0, n * chunk - t)) + ((0, 0),) * (a.ndim - 2)) for a in (hidden, targets))
     split = lambda a: jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)  # (n, B, chunk, ...)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def body(total, xs):
-        h, tg, w = xs
-        return total + _nll_sum(h, head, tg, w, pin), None
+    def body(_, xs):
+        h, tg = xs
+        return None, _logprobs(h, head, tg)
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(weights)))
-    return total
+    _, out = jax.lax.scan(body, None, (split(hidden), split(targets)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk)[:, :t]
+
+
+def cross_entropy_sum(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
+                      chunk: int = 0) -> jax.Array:
+    """sum over tokens of weights * cross-entropy(hidden @ head.T, targets): `token_logprobs`, weighted."""
+    return -jnp.sum(token_logprobs(hidden, head, targets, chunk) * weights)

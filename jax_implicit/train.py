@@ -25,7 +25,8 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, data, distributed, export, files, lora, memory, metrics, pinning, pretrained, runlock
+from jax_implicit import (batching, checkpoint, data, distributed, export, files, lora, memory, metrics, pinning,
+                          pretrained, runlock)
 from jax_implicit import model as M
 from jax_implicit import train_step as S
 from jax_implicit.plan import activation_bytes
@@ -76,7 +77,7 @@ class Run:
 
     @property
     def per_epoch(self) -> int:
-        return data.steps_per_epoch(len(self.train_ids), self.cfg.train.global_batch)
+        return batching.steps_per_epoch(len(self.train_ids), self.cfg.train.global_batch)
 
     @property
     def total(self) -> int:
@@ -135,9 +136,9 @@ def setup(cfg: ConfigDict, devices: list[jax.Device] | None, held: contextlib.Ex
         files.remove_stale_tmp(out / "hf")  # of a killed export
         save_config(out, cfg)
 
-    sizes = data.buckets(d.max_seq_length, d.bucket_min)
+    sizes = batching.sizes(d.bucket_min, d.max_seq_length)
     batch_sh = sh.rows((t.micro_batch, sizes[0]))  # the same split for every bucket length
-    optimizer = S.make_optimizer(cfg.optim, data.steps_per_epoch(len(train_ids), t.global_batch) * t.epochs)
+    optimizer = S.make_optimizer(cfg.optim, batching.steps_per_epoch(len(train_ids), t.global_batch) * t.epochs)
     ckpts = checkpoint.Checkpoints(out / "checkpoints", t.checkpoint_every, t.max_to_keep)
     held.callback(ckpts.close)
     graphdef = nnx.split(lora.abstract(model_cfg, cfg.lora))[0]
@@ -206,7 +207,7 @@ def _global_micro_batches(r: Run, ids: np.ndarray, step: int) -> tuple[list[jax.
     """The micro-batches of the examples `ids` with their exact loss weights, as this process's rows of
     global arrays on the mesh; and the host micro-batches they came from."""
     t = r.cfg.train
-    micros = data.micro_batches(r.examples, ids, t.micro_batch, r.sizes)
+    micros = batching.micro_batches(r.examples, ids, t.micro_batch, r.sizes)
     out = []
     for k, (b, w) in enumerate(zip(micros, S.loss_weights(micros, t.reduction))):
         mine = dict(tokens=b["tokens"][r.local], mask=b["mask"][r.local], weights=w[r.local])
@@ -237,7 +238,7 @@ def loop(r: Run) -> tuple[dict, float]:
     log_ = metrics.Log(r.out, r.logged, tensorboard=t.tensorboard) if r.writer else None
     try:
         for epoch in range(r.meta["epoch"], t.epochs):
-            order = r.train_ids[data.epoch_order(len(r.train_ids), key, epoch)]
+            order = r.train_ids[batching.epoch_order(len(r.train_ids), key, epoch)]
             for position in range(r.meta["position"] if epoch == r.meta["epoch"] else 0, r.per_epoch):
                 start = time.perf_counter()
                 batch_ids = order[position * t.global_batch:(position + 1) * t.global_batch]

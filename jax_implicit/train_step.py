@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jax_implicit import checkpoint, lora, memory, pinning
+from jax_implicit import checkpoint, lora, memory
 from jax_implicit import model as M
 from jax_implicit.sharding import Sharder
 
@@ -55,8 +55,7 @@ def loss_sum(params: dict, graphdef: nnx.GraphDef, batch: dict) -> jax.Array:
     hidden, _ = model.hidden(tokens, M.positions_from_mask(mask), mask, dropout_key=key)
     targets = jnp.roll(tokens, -1, axis=1)  # the wrapped-around last target has weight 0
     weights = jnp.pad(batch["weights"][:, 1:], ((0, 0), (0, 1)))
-    return memory.cross_entropy_sum(hidden, model.head()[...], targets, weights, model.cfg.loss_chunk,
-                                    pinning.constrain)
+    return memory.cross_entropy_sum(hidden, model.head()[...], targets, weights, model.cfg.loss_chunk)
 
 
 def loss_weights(micro_batches: list[dict], reduction: str) -> list[np.ndarray]:

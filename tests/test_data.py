@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from jax_implicit import data
+from jax_implicit import batching, data
 
 LIMA_482 = {"dataset": "lima", "id": "lima_482", "messages": [
     {"role": "user", "content": "Hello, nice to meet you!"},
@@ -162,16 +162,16 @@ def test_non_json_and_missing_files(tmp_path):
 
 
 def test_buckets_order_and_micro_batches():
-    assert data.buckets(2048, 256) == (256, 512, 1024, 2048)
-    assert data.buckets(100, 64) == (64, 100)
+    assert batching.sizes(256, 2048) == (256, 384, 512, 768, 1024, 1536, 2048)
+    assert batching.sizes(64, 100) == (64, 96, 100)
     key = np.array([0, 7], np.uint32)
-    a, b = data.epoch_order(10, key, 0), data.epoch_order(10, key, 1)
+    a, b = batching.epoch_order(10, key, 0), batching.epoch_order(10, key, 1)
     assert sorted(a) == list(range(10)) and not np.array_equal(a, b)
-    assert np.array_equal(a, data.epoch_order(10, key, 0))
+    assert np.array_equal(a, batching.epoch_order(10, key, 0))
     lengths = [5, 70, 3, 64, 90]
     ex = data.Examples([np.arange(1, n + 1, dtype=np.int32) for n in lengths],
                        [np.arange(n) >= 2 for n in lengths], 0)
-    micros = data.micro_batches(ex, np.array([0, 1, 2, 3, 4]), 2, (64, 100))
+    micros = batching.micro_batches(ex, np.array([0, 1, 2, 3, 4]), 2, (64, 100))
     assert [m["tokens"].shape for m in micros] == [(2, 64), (2, 100), (2, 100)]
     assert micros[0]["mask"].sum(1).tolist() == [3, 5] and micros[2]["mask"].sum(1).tolist() == [90, 0]
     assert np.array_equal(micros[1]["tokens"][1, :70], ex.ids[1]) and not micros[1]["loss"][1, 70:].any()

@@ -1,4 +1,5 @@
-"""Response ranking (Table 2): the jitted, bucketed metric equals a hand computation with transformers."""
+"""Response ranking (Table 2): the jitted, length-packed metric equals a hand computation with transformers,
+whatever the batching."""
 
 import json
 
@@ -9,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from configs.eval import ranking as ranking_config
 from jax_implicit import convert
-from jax_implicit.evaluate import ranking
+from jax_implicit.evaluate import ranking, scoring
 
 N, K = 6, 5
 
@@ -46,6 +47,19 @@ def test_ranking_equals_hand_computation(tiny_smol_dir, dolly):
     assert out["fraction"] == np.mean(real[:, None] - rand > 0)
     assert out["truncated"] > 0
     assert 0 < out["fraction"] < 1  # a random tiny model: both outcomes occur, so the comparison is exercised
+
+
+def test_scores_do_not_depend_on_the_batching(tiny_smol_dir, dolly):
+    """The sequences of the test above, packed for 1024 tokens (its compilations) and one sequence at a time."""
+    tok = AutoTokenizer.from_pretrained(tiny_smol_dir)
+    decoder = convert.load_hf(tiny_smol_dir)
+    pairs = [(i, int(j)) for i in range(N) for j in [i, *ranking.pairings(N, K, seed=3)[i]]]
+    encoded = [ranking.encode(tok, ranking.user_text(dolly[i]), dolly[j]["output"], "user_assistant") for i, j in pairs]
+    seqs, starts = [ids[:256] for ids, _ in encoded], [s for _, s in encoded]
+    packed = [scoring.continuation_logprobs(decoder, seqs, starts, batch_tokens=budget) for budget in (1024, 1)]
+    assert len(scoring.batches(decoder, seqs, 1024)) < len(seqs) == len(scoring.batches(decoder, seqs, 1))
+    np.testing.assert_array_equal(packed[0][1], packed[1][1])
+    np.testing.assert_allclose(packed[0][0], packed[1][0], rtol=1e-6)
 
 
 def test_pairings_are_seeded():

@@ -1,4 +1,5 @@
-"""Memory controls (memory.py): remat policies, chunked cross-entropy, fused attention, mixed precision."""
+"""Memory controls (memory.py): remat policies, chunked token log-likelihood and cross-entropy, fused attention,
+mixed precision."""
 
 import math
 
@@ -9,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jax_implicit import train_config, train_step
+from jax_implicit import memory, train_config, train_step
 from jax_implicit import model as M
 
 # GQA (4 query heads on 2 KV heads), Gemma-style sliding window on the first layer, tied head.
@@ -62,6 +63,15 @@ def test_chunked_cross_entropy_equals_the_full_one():
     vjp = jax.eval_shape(lambda p: jax.vjp(lambda q: train_step.loss_sum(q, graphdef, data), p)[1], nnx.to_pure_dict(params))
     assert not [r.shape for r in jax.tree.leaves(vjp) if r.shape[-1:] == (97,) and math.prod(r.shape) >= 2 * 13 * 97]
     assert residual_bytes(GEMMA_LIKE.replace(loss_chunk=4), data) < residual_bytes(GEMMA_LIKE, data)
+
+
+def test_chunked_token_logprobs_are_log_softmax():
+    rng = np.random.default_rng(0)
+    hidden, head = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 13, 32), (97, 32)))
+    targets = jnp.asarray(rng.integers(0, 97, (2, 13)), jnp.int32)
+    want = jnp.take_along_axis(jax.nn.log_softmax(hidden @ head.T), targets[..., None], axis=-1)[..., 0]
+    for chunk in (0, 4):
+        close(memory.token_logprobs(hidden, head, targets, chunk), want, rtol=1e-5, atol=1e-5)
 
 
 def einsum_attention(q, k, v, attend, scalar):

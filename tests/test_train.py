@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from jax_implicit import checkpoint, cli, convert, data, train, train_config, train_step
+from jax_implicit import batching, checkpoint, cli, convert, data, train, train_config, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs/train/smollm2_cpu.py"
@@ -99,7 +99,7 @@ def test_loss_and_accumulation_match_transformers(tiny_smol_dir):
     hf = AutoModelForCausalLM.from_pretrained(tiny_smol_dir, dtype=torch.float32)
 
     def ours(indices, micro, reduction, examples=ex):
-        micros = data.micro_batches(examples, np.array(indices), micro, (64,))
+        micros = batching.micro_batches(examples, np.array(indices), micro, (64,))
         accum, total = train_step.zeros_accum(params), 0.0
         for b, w in zip(micros, train_step.loss_weights(micros, reduction)):
             accum, loss = micro_step(params, accum, dict(tokens=b["tokens"], mask=b["mask"], weights=w))
