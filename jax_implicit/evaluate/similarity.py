@@ -108,7 +108,12 @@ def run(cfg) -> dict[str, np.ndarray]:
     return result
 
 
+def summary(result: dict[str, np.ndarray]) -> dict[str, float]:
+    """What the command prints: each column's mean (the points are in similarity.csv)."""
+    return {f"mean_{k}": round(float(np.mean(v)), 4) for k, v in result.items()}
+
+
 if __name__ == "__main__":
     from jax_implicit import cli
 
-    cli.main(run, "configs/eval/similarity.py")
+    cli.main(lambda cfg: summary(run(cfg)), "configs/eval/similarity.py")
