@@ -253,4 +253,4 @@ def run(cfg: ConfigDict) -> list[Step]:
 if __name__ == "__main__":
     from jax_implicit import cli
 
-    cli.main(run, "configs/sweep.py")
+    cli.main(lambda cfg: f"{len(run(cfg))} steps {'printed' if cfg.dry_run else 'run'}", "configs/sweep.py")
