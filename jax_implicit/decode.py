@@ -47,6 +47,25 @@ def _scores(logits: jax.Array, n: jax.Array, seen: jax.Array | None, tables: R.R
     return scores
 
 
+def _prefill(decoder: M.Decoder, cache: M.KVCache, row: jax.Array | int, ids: jax.Array, positions: jax.Array,
+             mask: jax.Array) -> M.KVCache:
+    """Prefill all but the last token of the left-padded prompts `ids` (n, W) into cache rows `row`..`row + n`
+    (their logits are unused, so XLA drops the head); the rows' next write goes to slot W - 1. The prompts go
+    through a fresh cache of W - 1 slots that is then copied in: writing into the large cache directly made
+    XLA copy all of it at every layer (it fused one layer's write with that layer's read)."""
+    n, width = ids.shape
+    small = M.KVCache.init(decoder.cfg, n, width - 1)
+    if width > 1:
+        _, small = decoder(ids[:, :-1], positions[:, :-1], mask[:, :-1], small, keys=width - 1)
+    k, v = (jax.lax.dynamic_update_slice(big, new, (0, row, 0, 0, 0)) for big, new in
+            ((cache.k, small.k), (cache.v, small.v)))
+    valid = jnp.zeros((n, cache.slots), bool).at[:, :width - 1].set(small.valid)
+    valid = jax.lax.dynamic_update_slice(cache.valid, valid, (row, 0))
+    index = (jax.lax.dynamic_update_slice(cache.index, jnp.full(n, width - 1, jnp.int32), (row,))
+             if cache.index.ndim else jnp.int32(width - 1))
+    return M.KVCache(k, v, valid, index)
+
+
 def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array, seen_mask: jax.Array,
               cache: M.KVCache, tables: R.RuleTables | None, eos_ids: jax.Array, temperature: jax.Array,
               top_p: jax.Array, key: jax.Array | None, *, max_new_tokens: int
@@ -55,8 +74,7 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
     vocab = decoder.cfg.vocab_size
     pad = decoder.cfg.pad_token_id if decoder.cfg.pad_token_id is not None else 0
     positions = M.positions_from_mask(prompt_mask)
-    if width > 1:  # prefill all but the last prompt token; its logits are unused, so XLA drops the head
-        _, cache = decoder(prompt_ids[:, :-1], positions[:, :-1], prompt_mask[:, :-1], cache, keys=width - 1)
+    cache = _prefill(decoder, cache, 0, prompt_ids, positions, prompt_mask)
     rows = jnp.arange(batch)
     seen = None  # (batch, vocab) bool: ids seen since the end of the user tag, for the diversity rule
     if tables is not None:
@@ -148,13 +166,7 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
         slots, cache, nxt = carry
         r = jnp.argmax(slots.done)
         ids, mask, pos = (jax.lax.dynamic_slice_in_dim(a, nxt, 1) for a in (queue_ids, queue_mask, positions))
-        small = M.KVCache.init(decoder.cfg, 1, width - 1)
-        if width > 1:
-            _, small = decoder(ids[:, :-1], pos[:, :-1], mask[:, :-1], small, keys=width - 1)
-        k, v = (jax.lax.dynamic_update_slice(big, new, (0, r, 0, 0, 0)) for big, new in
-                ((cache.k, small.k), (cache.v, small.v)))
-        valid = cache.valid.at[r].set(jnp.zeros(cache.slots, bool).at[:width - 1].set(small.valid[0]))
-        cache = M.KVCache(k, v, valid, cache.index.at[r].set(width - 1))
+        cache = _prefill(decoder, cache, r, ids, pos, mask)
         seen = slots.seen
         if seen is not None:
             prompt = jax.lax.dynamic_index_in_dim(queue_seen, nxt, keepdims=False)
