@@ -14,7 +14,6 @@ bandwidth (every weight is read once per decoding step).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from ml_collections import config_flags
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import copy_bandwidth, hf_rule_processor, host_tables, machine, seen_ids, with_threads  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "generate.py"), "generation config")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "16"], "batch sizes to time")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
@@ -32,43 +33,6 @@ _REPS = flags.DEFINE_integer("reps", 3, "timed repetitions per side (best is rep
 _HF_THREADS = flags.DEFINE_list("hf_threads", ["default", "1"], "torch thread settings to try for transformers")
 _PROMPTS = flags.DEFINE_string("prompts", "val",
                                "instructions file (JSON/JSONL) or dataset name")
-
-
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Bytes moved per second (read + write) by a large host memory copy, best of 5."""
-    import numpy as np
-
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
-
-
-def hf_rule_processor(tables, width: int, seen, torch):
-    """The same product of experts as `rules.scores`, as a transformers LogitsProcessor."""
-    from transformers import LogitsProcessor
-
-    offsets = torch.from_numpy(tables["offsets"])
-    eos = torch.from_numpy(tables["eos"])
-    scale, horizon, monotone, diversity = (tables[k] for k in ("eos_scale", "eos_horizon", "eos_monotone", "diversity"))
-
-    class Rules(LogitsProcessor):
-        def __init__(self):
-            self.seen = torch.from_numpy(seen.copy())
-
-        def __call__(self, input_ids, scores):
-            n = input_ids.shape[1] - width
-            if n > 0:
-                self.seen[torch.arange(len(input_ids)), input_ids[:, -1]] = True
-            ramp = (scale if monotone else 0.0) if n >= horizon else (scale * n / horizon if n > 0 else 0.0)
-            rule = offsets + ramp * eos + diversity * self.seen.float()
-            return torch.log_softmax(scores, -1) + torch.log_softmax(rule, -1)
-
-    return Rules()
 
 
 def main(argv):
@@ -87,24 +51,19 @@ def main(argv):
     ours = convert.load_hf(cfg.model.path, param_dtype="float32", dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
     tables = rules.build(cfg.rules, tok, ours.cfg.vocab_size, tok.eos_token_id)
-    host_tables = {k: np.asarray(v) for k, v in vars(tables).items()}
-    host_tables = {k: (v.item() if v.ndim == 0 else v) for k, v in host_tables.items()}
+    hf_tables = host_tables(tables)
     rows = generate.read_instructions(_PROMPTS.value)
     encoded = [decode.encode(tok, r["instruction"], cfg.decode.tag_set) for r in rows]
 
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(ours))
     bandwidth = copy_bandwidth()
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}; jax {jax.__version__} "
-          f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(machine(jax, torch))
     print(f"weights {weight_bytes / 1e6:.0f} MB float32; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write) "
           f"-> batch-1 bound {bandwidth / weight_bytes:.1f} tokens/s")
 
     for batch in (int(b) for b in _BATCHES.value):
         ids, mask, seen = decode.pad_batch(encoded[:batch], batch, 1, tok.pad_token_id or 0)
-        seen_v = np.zeros((batch, ours.cfg.vocab_size), bool)
-        for r in range(batch):
-            seen_v[r, ids[r][seen[r]]] = True
+        seen_v = seen_ids(ids, seen, ours.cfg.vocab_size)
 
         def run_ours():
             out, _ = decode.generate(ours, ids, mask, seen_mask=seen, max_new_tokens=new, rules=tables, eos_ids=())
@@ -115,19 +74,9 @@ def main(argv):
                 out = hf.generate(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
                                   max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
                                   logits_processor=LogitsProcessorList(
-                                      [hf_rule_processor(host_tables, ids.shape[1], seen_v, torch)]),
+                                      [hf_rule_processor(hf_tables, ids.shape[1], seen_v, torch)]),
                                   pad_token_id=tok.pad_token_id)
             return out[:, ids.shape[1]:].numpy()
-
-        def with_threads(n: int):
-            def run():
-                threads = torch.get_num_threads()
-                torch.set_num_threads(n)
-                try:
-                    return run_hf()
-                finally:
-                    torch.set_num_threads(threads)
-            return run
 
         outputs = {}
 
@@ -138,7 +87,7 @@ def main(argv):
 
         run_ours()  # compiles
         hf_sides = {f"transformers {n if n != 'default' else torch.get_num_threads()} thread(s)":
-                    run_hf if n == "default" else with_threads(int(n)) for n in _HF_THREADS.value}
+                    with_threads(torch, None if n == "default" else int(n), run_hf) for n in _HF_THREADS.value}
         first = {name: timed(name, fn) for name, fn in hf_sides.items()}  # also their warm-up
         hf_name = min(first, key=first.get)  # the faster one is the baseline, timed alongside ours
         times = {"ours": [], hf_name: []}

@@ -12,7 +12,8 @@ and batch on a device mesh beforehand.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Sequence
+import functools
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,34 @@ def _pick(scores: jax.Array, step: jax.Array, temperature: jax.Array, top_p: jax
     return jax.random.categorical(jax.random.fold_in(key, step), logits).astype(jnp.int32)
 
 
+def _scores(logits: jax.Array, n: jax.Array, seen: jax.Array | None, tables: R.RuleTables | None) -> jax.Array:
+    """The decoding distribution (B, V) as log-probabilities: the model's, times the rules' after `n`
+    response tokens (a scalar, or (B, 1) per row) when there are rules."""
+    scores = jax.nn.log_softmax(logits, axis=-1)
+    if tables is not None:
+        scores = scores + jax.nn.log_softmax(R.scores(tables, n, seen), axis=-1)
+    return scores
+
+
+def _prefill(decoder: M.Decoder, cache: M.KVCache, row: jax.Array | int, ids: jax.Array, positions: jax.Array,
+             mask: jax.Array) -> M.KVCache:
+    """Prefill all but the last token of the left-padded prompts `ids` (n, W) into cache rows `row`..`row + n`
+    (their logits are unused, so XLA drops the head); the rows' next write goes to slot W - 1. The prompts go
+    through a fresh cache of W - 1 slots that is then copied in: writing into the large cache directly made
+    XLA copy all of it at every layer (it fused one layer's write with that layer's read)."""
+    n, width = ids.shape
+    small = M.KVCache.init(decoder.cfg, n, width - 1)
+    if width > 1:
+        _, small = decoder(ids[:, :-1], positions[:, :-1], mask[:, :-1], small, keys=width - 1)
+    k, v = (jax.lax.dynamic_update_slice(big, new, (0, row, 0, 0, 0)) for big, new in
+            ((cache.k, small.k), (cache.v, small.v)))
+    valid = jnp.zeros((n, cache.slots), bool).at[:, :width - 1].set(small.valid)
+    valid = jax.lax.dynamic_update_slice(cache.valid, valid, (row, 0))
+    index = (jax.lax.dynamic_update_slice(cache.index, jnp.full(n, width - 1, jnp.int32), (row,))
+             if cache.index.ndim else jnp.int32(width - 1))
+    return M.KVCache(k, v, valid, index)
+
+
 def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array, seen_mask: jax.Array,
               cache: M.KVCache, tables: R.RuleTables | None, eos_ids: jax.Array, temperature: jax.Array,
               top_p: jax.Array, key: jax.Array | None, *, max_new_tokens: int
@@ -45,20 +74,18 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
     vocab = decoder.cfg.vocab_size
     pad = decoder.cfg.pad_token_id if decoder.cfg.pad_token_id is not None else 0
     positions = M.positions_from_mask(prompt_mask)
-    if width > 1:  # prefill all but the last prompt token; its logits are unused, so XLA drops the head
-        _, cache = decoder(prompt_ids[:, :-1], positions[:, :-1], prompt_mask[:, :-1], cache)
+    cache = _prefill(decoder, cache, 0, prompt_ids, positions, prompt_mask)
     rows = jnp.arange(batch)
     seen = None  # (batch, vocab) bool: ids seen since the end of the user tag, for the diversity rule
     if tables is not None:
         seen = jnp.zeros((batch, vocab), bool).at[rows[:, None], jnp.where(seen_mask, prompt_ids, vocab)].set(
             True, mode="drop")
 
-    def step(state):
+    def step(state, keys):
         i, token, cache, out, length, done, seen = state
-        logits, cache = decoder(token[:, None], (positions[:, -1] + i)[:, None], jnp.ones((batch, 1), bool), cache)
-        scores = jax.nn.log_softmax(logits[:, 0], axis=-1)
-        if tables is not None:
-            scores = scores + jax.nn.log_softmax(R.scores(tables, i, seen), axis=-1)
+        logits, cache = decoder(token[:, None], (positions[:, -1] + i)[:, None], jnp.ones((batch, 1), bool), cache,
+                                keys=keys)
+        scores = _scores(logits[:, 0], i, seen, tables)
         nxt = jnp.where(done, pad, _pick(scores, i, temperature, top_p, key))
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
         length = length + (~done).astype(jnp.int32)
@@ -67,17 +94,124 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
             seen = seen.at[rows, nxt].set(True)
         return i + 1, nxt, cache, out, length, done, seen
 
-    def going(state):
-        return (state[0] < max_new_tokens) & ~jnp.all(state[5])
+    def going(state, keys):  # a segment ends when the next step would write slot `keys`
+        return (state[0] < max_new_tokens) & ~jnp.all(state[5]) & (state[2].index < keys)
 
-    init = (jnp.int32(0), prompt_ids[:, -1], cache, jnp.full((batch, max_new_tokens), pad, jnp.int32),
-            jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), seen)
-    _, _, cache, out, length, _, _ = jax.lax.while_loop(going, step, init)
+    state = (jnp.int32(0), prompt_ids[:, -1], cache, jnp.full((batch, max_new_tokens), pad, jnp.int32),
+             jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), seen)
+    for keys in attended_lengths(width, cache.slots):
+        state = jax.lax.while_loop(functools.partial(going, keys=keys), functools.partial(step, keys=keys), state)
+    _, _, cache, out, length, _, _ = state
     return out, length, cache  # returning the donated cache lets XLA update it in place
+
+
+def attended_lengths(width: int, slots: int, first: int = 128) -> list[int]:
+    """The static key counts of the decoding loop's segments: doubling from `first` (or the prompt width)
+    up to all `slots`. A step attends only to the slots its segment may have filled, so the cache read per
+    step grows with the response instead of always covering `slots`; each segment compiles its own step,
+    so the segments double in length to keep their number small."""
+    lengths = [min(max(first, width), slots)]
+    while lengths[-1] < slots:
+        lengths.append(min(2 * lengths[-1], slots))
+    return lengths
 
 
 # The one jitted entry point: `max_new_tokens` fixes the output shape; the cache is donated.
 _generate_jit = jax.jit(_generate, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
+
+
+# Per-token progress: `_serve` reports each step's new tokens through a host callback to this listener
+# (set by `generate_prompts` for its call). A module-level function, so the compiled program does not
+# depend on which listener is set.
+_token_listener: Callable[[int], None] | None = None
+
+
+def _count_tokens(n: jax.Array) -> None:
+    if _token_listener is not None:
+        _token_listener(int(n))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Slots:
+    """Continuous batching's per-slot state (B,): which queued prompt a slot decodes (its instruction index
+    `order[queue]` keys sampling), the token to feed next and its RoPE position, the response so far."""
+
+    queue: jax.Array  # int32: queue entry decoded in this slot
+    token: jax.Array  # int32: the token the next step feeds
+    position: jax.Array  # int32: its RoPE position
+    length: jax.Array  # int32: response tokens produced
+    done: jax.Array  # bool: finished (or never filled): free for the next prompt
+    seen: jax.Array | None  # (B, V) bool: the diversity rule's seen ids
+
+
+def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queue_seen: jax.Array,
+           order: jax.Array, count: jax.Array, cache: M.KVCache, tables: R.RuleTables | None, eos_ids: jax.Array,
+           temperature: jax.Array, top_p: jax.Array, key: jax.Array | None, *, max_new_tokens: int
+           ) -> tuple[jax.Array, jax.Array, M.KVCache]:
+    """Continuous batching: decode the first `count` of the left-padded prompts `queue_ids` (N, W) in the
+    cache's B slots; whenever a slot finishes (EOS or `max_new_tokens`), the next prompt is prefilled into
+    it while the other slots keep their place. Each slot has its own write index, position and rule state,
+    and samples with `key` folded by the prompt's instruction index `order[queue]` and its response length,
+    so a response does not depend on which slot or batch it ran in. Returns tokens (N, max_new_tokens),
+    lengths (N,) and the cache."""
+    batch, vocab = cache.valid.shape[0], decoder.cfg.vocab_size
+    n_queue, width = queue_ids.shape
+    pad = decoder.cfg.pad_token_id if decoder.cfg.pad_token_id is not None else 0
+    positions = M.positions_from_mask(queue_mask)
+    rows = jnp.arange(batch)
+
+    def refill(carry):
+        """Prefill the next queued prompt into the first free slot (its own batch-1 cache, then copied in)."""
+        slots, cache, nxt = carry
+        r = jnp.argmax(slots.done)
+        ids, mask, pos = (jax.lax.dynamic_slice_in_dim(a, nxt, 1) for a in (queue_ids, queue_mask, positions))
+        cache = _prefill(decoder, cache, r, ids, pos, mask)
+        seen = slots.seen
+        if seen is not None:
+            prompt = jax.lax.dynamic_index_in_dim(queue_seen, nxt, keepdims=False)
+            seen = seen.at[r].set(jnp.zeros(vocab, bool).at[jnp.where(prompt, ids[0], vocab)].set(True, mode="drop"))
+        slots = _Slots(slots.queue.at[r].set(nxt), slots.token.at[r].set(ids[0, -1]),
+                       slots.position.at[r].set(pos[0, -1]), slots.length.at[r].set(0),
+                       slots.done.at[r].set(False), seen)
+        return slots, cache, nxt + 1
+
+    def step(state):
+        slots, cache, nxt, out, lengths = state
+        slots, cache, nxt = jax.lax.while_loop(lambda c: jnp.any(c[0].done) & (c[2] < count), refill,
+                                               (slots, cache, nxt))
+        index = cache.index
+        logits, cache = decoder(slots.token[:, None], slots.position[:, None], ~slots.done[:, None], cache)
+        scores = _scores(logits[:, 0], slots.length[:, None], slots.seen, tables)
+        row_keys = None if key is None else jax.vmap(lambda q: jax.random.fold_in(key, q))(order[slots.queue])
+        token = jax.vmap(lambda s, n, k: _pick(s[None], n, temperature, top_p, k)[0],
+                         in_axes=(0, 0, None if key is None else 0))(scores, slots.length, row_keys)
+        live = ~slots.done
+        jax.debug.callback(_count_tokens, jnp.sum(live))
+        target = jnp.where(live, slots.queue, n_queue)  # free slots write nowhere (dropped)
+        out = out.at[target, slots.length].set(token, mode="drop")
+        length = slots.length + live
+        lengths = lengths.at[target].set(length, mode="drop")
+        done = slots.done | jnp.isin(token, eos_ids) | (length >= max_new_tokens)
+        seen = None if slots.seen is None else slots.seen.at[rows, token].set(slots.seen[rows, token] | live)
+        cache = M.KVCache(cache.k, cache.v, cache.valid, jnp.where(live, cache.index, index))  # free slots stay put
+        slots = _Slots(slots.queue, token, slots.position + 1, length, done, seen)
+        return slots, cache, nxt, out, lengths
+
+    def going(state):
+        slots, _, nxt, _, _ = state
+        return ~jnp.all(slots.done) | (nxt < count)
+
+    seen = None if tables is None else jnp.zeros((batch, vocab), bool)
+    zeros = jnp.zeros(batch, jnp.int32)
+    slots = _Slots(zeros, zeros, zeros, zeros, jnp.ones(batch, bool), seen)
+    state = (slots, cache, jnp.int32(0), jnp.full((n_queue, max_new_tokens), pad, jnp.int32),
+             jnp.zeros(n_queue, jnp.int32))
+    _, cache, _, out, lengths = jax.lax.while_loop(going, step, state)
+    return out, lengths, cache
+
+
+_serve_jit = jax.jit(_serve, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
 
 
 def _check_new_tokens(max_new_tokens) -> None:
@@ -140,8 +274,8 @@ def generate(decoder: M.Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int
     slots = ids.shape[1] + max_new_tokens - 1
     if cache is None:
         cache = M.KVCache.init(cfg, ids.shape[0], slots)
-    elif cache.k.shape[2] != slots:
-        raise ValueError(f"cache has {cache.k.shape[2]} slots; this batch needs {slots}")
+    elif cache.slots != slots:
+        raise ValueError(f"cache has {cache.slots} slots; this batch needs {slots}")
     rows = _global_rows(cache) if jax.process_count() > 1 else jnp.asarray
     tokens, lengths, _ = _generate_jit(
         decoder, rows(ids.astype(np.int32)), rows(mask), rows(seen), cache, rules,
@@ -222,9 +356,9 @@ def eos_ids_for(cfg: M.ModelConfig, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def sharded_cache(cfg: M.ModelConfig, sharder, rows: int, slots: int) -> M.KVCache:
+def sharded_cache(cfg: M.ModelConfig, sharder, rows: int, slots: int, per_row: bool = False) -> M.KVCache:
     """An empty KV cache made directly in its shards (rows like the batch, KV heads like the parameters)."""
-    make = lambda: M.KVCache.init(cfg, rows, slots)
+    make = lambda: M.KVCache.init(cfg, rows, slots, per_row)
     return jax.jit(make, out_shardings=sharder.cache(jax.eval_shape(make)))()
 
 
@@ -232,49 +366,78 @@ def generate_texts(decoder: M.Decoder, tokenizer, instructions: Sequence[str], *
                    rules: R.RuleTables | None = None, tag_set: str = "user_assistant", batch_size: int = 16,
                    bucket: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                    on_batch: Callable[[dict[int, str], int], None] | None = None,
-                   done: Mapping[int, str] | None = None, sharder=None) -> list[str]:
-    """Responses to `instructions`, in order. Prompts are sorted by length and batched so padding
-    stays small; `on_batch({index: response}, new_tokens)` is called after each batch (progress bars, keeping
-    finished work). A batch all of whose responses are in `done` (by index) is taken from there, not decoded:
-    a rerun decodes the same batches with the same keys, so its responses are those of an uninterrupted run.
-    With a `sharding.Sharder` (the decoder already on its mesh) each batch's KV cache is created in its shards."""
+                   done: Mapping[int, str] | None = None, sharder=None,
+                   on_tokens: Callable[[int], None] | None = None) -> list[str]:
+    """Responses to `instructions`, in order, by continuous batching in `batch_size` slots (`generate_prompts`).
+    `on_batch({index: response}, new_tokens)` reports finished work (progress bars, partial files); responses in
+    `done` (by index) are taken from there, and a rerun gives the responses of an uninterrupted run.
+    With a `sharding.Sharder` (the decoder already on its mesh) the KV cache is created in its shards."""
     check_settings(max_new_tokens, batch_size, bucket, temperature, top_p)
     encoded = encode_all(tokenizer, instructions, tag_set, max_new_tokens, decoder.cfg.max_position_embeddings)
     return generate_prompts(decoder, tokenizer, encoded, max_new_tokens=max_new_tokens, rules=rules,
                             batch_size=batch_size, bucket=bucket, temperature=temperature, top_p=top_p, seed=seed,
-                            on_batch=on_batch, done=done, sharder=sharder)
+                            on_batch=on_batch, done=done, sharder=sharder, on_tokens=on_tokens)
 
 
 def generate_prompts(decoder: M.Decoder, tokenizer, encoded: Sequence[Prompt], *, max_new_tokens: int,
                      rules: R.RuleTables | None = None, batch_size: int = 16, bucket: int = 64,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                      on_batch: Callable[[dict[int, str], int], None] | None = None,
-                     done: Mapping[int, str] | None = None, sharder=None) -> list[str]:
-    """`generate_texts` for prompts already tokenized in any format (a judge's chat template, say)."""
-    cfg = decoder.cfg
-    eos = eos_ids_for(cfg, tokenizer)
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
-    order = sorted(range(len(encoded)), key=lambda k: len(encoded[k].ids))
-    key = jax.random.key(seed)
-    outputs: list[str] = [""] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        if done is not None and all(k in done for k in chunk):
-            for k in chunk:
-                outputs[k] = done[k]
-            continue
-        ids, mask, seen = pad_batch([encoded[k] for k in chunk], min(batch_size, len(order)), bucket, pad_id)
-        slots = ids.shape[1] + max_new_tokens - 1
-        cache = None if sharder is None else sharded_cache(cfg, sharder, ids.shape[0], slots)
-        tokens, lengths = generate(decoder, ids, mask, seen_mask=seen, max_new_tokens=max_new_tokens, rules=rules,
-                                   eos_ids=eos, temperature=temperature, top_p=top_p,
-                                   key=jax.random.fold_in(key, start), cache=cache)
-        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-        for r, k in enumerate(chunk):
-            row = tokens[r, :lengths[r]]
-            if len(row) and row[-1] in eos:
-                row = row[:-1]
-            outputs[k] = tokenizer.decode(row, skip_special_tokens=True)
+                     done: Mapping[int, str] | None = None, sharder=None,
+                     on_tokens: Callable[[int], None] | None = None) -> list[str]:
+    """`generate_texts` for prompts already tokenized in any format (a judge's chat template, say), by
+    continuous batching (`serve`). A response depends only on its prompt and index, so the responses in
+    `done` (by index) are taken from there and a resumed run equals an uninterrupted one.
+    `on_batch({index: response}, new_tokens)` is called after each group of `serve`."""
+    eos = eos_ids_for(decoder.cfg, tokenizer)
+    done = done or {}
+    outputs = [done.get(k, "") for k in range(len(encoded))]
+    todo = {k: p for k, p in enumerate(encoded) if k not in done}
+    for rows in serve(decoder, todo, eos, max_new_tokens=max_new_tokens, rules=rules, batch_size=batch_size,
+                      bucket=bucket, temperature=temperature, top_p=top_p, seed=seed, sharder=sharder,
+                      on_tokens=on_tokens):
+        texts = {k: tokenizer.decode(row, skip_special_tokens=True) for k, row in rows.items()}
+        for k, text in texts.items():
+            outputs[k] = text
         if on_batch is not None:
-            on_batch({k: outputs[k] for k in chunk}, int(lengths[:len(chunk)].sum()))
+            on_batch(texts, sum(map(len, rows.values())))
     return outputs
+
+
+def serve(decoder: M.Decoder, prompts: Mapping[int, Prompt], eos: Sequence[int], *, max_new_tokens: int,
+          rules: R.RuleTables | None = None, batch_size: int = 16, bucket: int = 64, temperature: float = 0.0,
+          top_p: float = 1.0, seed: int = 0, sharder=None, on_tokens: Callable[[int], None] | None = None
+          ) -> Iterator[dict[int, list[int]]]:
+    """Continuous batching of `prompts` {instruction index: prompt}: they are grouped by width (a multiple of
+    `bucket`, so few shapes compile) and each group is decoded in `batch_size` slots by `_serve`, a finished
+    response's slot taking the next prompt at once. Yields {index: response ids, EOS dropped} per group;
+    `on_tokens(n)` is called after every decoding step with the tokens it produced."""
+    global _token_listener
+    cfg = decoder.cfg
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
+    groups: dict[int, list[int]] = {}
+    for k in sorted(prompts, key=lambda k: len(prompts[k].ids)):
+        groups.setdefault(-(-len(prompts[k].ids) // bucket), []).append(k)
+    slots = min(batch_size, len(prompts))
+    for group in groups.values():
+        queue = 1 << (len(group) - 1).bit_length()  # queue rows: a power of two, for few compiled shapes
+        ids, mask, seen = pad_batch([prompts[k] for k in group], queue, bucket, pad_id)
+        order = np.array(group + [0] * (queue - len(group)), np.int32)
+        shape = (slots, ids.shape[1] - 1 + max_new_tokens)
+        cache = (M.KVCache.init(cfg, *shape, per_row=True) if sharder is None
+                 else sharded_cache(cfg, sharder, *shape, per_row=True))
+        _token_listener = on_tokens
+        try:
+            tokens, lengths, _ = _serve_jit(
+                decoder, ids, mask, seen, order, np.int32(len(group)), cache, rules,
+                np.array(eos, np.int32).reshape(-1), np.float32(temperature), np.float32(top_p),
+                jax.random.key(seed) if temperature > 0 else None, max_new_tokens=max_new_tokens)
+            if not tokens.is_fully_addressable:  # multi-host: every process gets every row
+                from jax.experimental import multihost_utils
+
+                tokens, lengths = multihost_utils.process_allgather((tokens, lengths), tiled=True)
+            tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        finally:
+            _token_listener = None
+        rows = {k: tokens[r, :lengths[r]].tolist() for r, k in enumerate(group)}
+        yield {k: row[:-1] if row and row[-1] in eos else row for k, row in rows.items()}

@@ -73,22 +73,35 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
         decoder = pretrained.load(cfg.model, sh, path)
         tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
 
-        bar = tqdm(total=len(rows), initial=len(keep.items), unit="ins", desc=generator,
-                   disable=not distributed.is_writer())
+        bar = tqdm(unit="tok", desc=generator, disable=not distributed.is_writer())
         start, produced = time.perf_counter(), 0
+        first_step, since_first = None, 0  # tokens/s from the first finished step: compilation excluded
 
         def progress(batch: dict[int, str], new_tokens: int) -> None:
             nonlocal produced
             if distributed.is_writer():
                 keep.add([str(k) for k in batch], list(batch.values()))
             produced += new_tokens
-            bar.update(len(batch))
-            bar.set_postfix(tok_per_s=f"{produced / (time.perf_counter() - start):.1f}")
+            bar.set_postfix(instructions=f"{len(keep.items)}/{len(rows)}", tok_per_s=rate())
+
+        def tokens(n: int) -> None:
+            nonlocal first_step, since_first
+            if first_step is None:
+                first_step = time.perf_counter()
+            else:
+                since_first += n
+            bar.update(n)
+            bar.set_postfix(instructions=f"{len(keep.items)}/{len(rows)}", tok_per_s=rate(), refresh=False)
+
+        def rate() -> str:
+            elapsed = time.perf_counter() - first_step if first_step is not None else 0.0
+            return f"{since_first / elapsed:.1f}" if elapsed > 0 else "-"
 
         outputs = decode.generate_texts(
             decoder, tokenizer, [r["instruction"] for r in rows], max_new_tokens=d.max_new_tokens, rules=tables,
             tag_set=d.tag_set, batch_size=d.batch_size, bucket=d.bucket, temperature=d.temperature, top_p=d.top_p,
-            seed=d.seed, on_batch=progress, done={int(k): v for k, v in keep.items.items()}, sharder=sh)
+            seed=d.seed, on_batch=progress, done={int(k): v for k, v in keep.items.items()}, sharder=sh,
+            on_tokens=tokens)
         bar.close()
         if distributed.is_writer():
             files.write_atomic(output, json.dumps([{"instruction": r["instruction"], "output": o, "generator": generator,

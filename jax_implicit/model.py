@@ -62,23 +62,37 @@ class Layers(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """A fixed-size cache: slot j of every row holds the token written at step j (left-padded prompts
-    share one write index). `valid` marks slots that hold real tokens, so padding is never attended."""
+    """A fixed-size cache: slot j of a row holds that row's j-th written token. `index` is the next slot to
+    write, shared by a left-padded batch (shape ()) or per row (shape (batch,), continuous batching, where
+    rows hold different prompts at different stages). `valid` marks slots that hold real tokens, so padding
+    and a previous occupant's stale slots are never attended.
 
-    k: jax.Array  # (layers, batch, max_len, kv_heads, head_dim)
+    Keys and values are stored (kv_heads, slots, head_dim) per row: the layout the attention dots read
+    directly, so a decoding step never transposes the cache."""
+
+    k: jax.Array  # (layers, batch, kv_heads, max_len, head_dim)
     v: jax.Array
     valid: jax.Array  # (batch, max_len) bool
-    index: jax.Array  # () int32: next slot to write
+    index: jax.Array  # () or (batch,) int32: next slot to write
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, per_row: bool = False) -> "KVCache":
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         dt = DTYPES[cfg.dtype]
-        return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), bool), jnp.int32(0))
+        index = jnp.zeros(batch if per_row else (), jnp.int32)
+        return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), bool), index)
 
-    AXES = {"k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-            "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    @property
+    def slots(self) -> int:
+        return self.k.shape[3]
+
+    AXES = {"k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+            "v": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
             "valid": ("batch", "cache_seq"), "index": ()}
+
+    def logical_axes(self) -> dict[str, tuple[str, ...]]:
+        """`AXES` for this cache: a per-row `index` lies along the batch."""
+        return self.AXES | {"index": ("batch",) * len(jnp.shape(self.index))}
 
 
 class Decoder(nnx.Module):
@@ -93,10 +107,10 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param(jax.random.normal(rngs.params(), (V, D), pdt) / math.sqrt(D), axes=("vocab", "embed"))
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
-                 cache: KVCache | None = None, dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
+                 dropout_key: jax.Array | None = None, keys: int | None = None) -> tuple[jax.Array, KVCache | None]:
         """Logits (float32) for `tokens` (batch, seq): `hidden` then the output embedding."""
-        x, cache = self.hidden(tokens, positions, mask, cache, dropout_key)
+        x, cache = self.hidden(tokens, positions, mask, cache, dropout_key, keys)
         dt = DTYPES[self.cfg.dtype]
         logits = jnp.einsum("btd,vd->btv", x, self.head()[...].astype(dt), preferred_element_type=jnp.float32)
         return pinning.constrain(logits, ("batch", "seq", "vocab")), cache
@@ -106,7 +120,7 @@ class Decoder(nnx.Module):
         return self.embed if self.cfg.tie_word_embeddings else self.lm_head
 
     def hidden(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
-               dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               dropout_key: jax.Array | None = None, keys: int | None = None) -> tuple[jax.Array, KVCache | None]:
         """The final-norm outputs (batch, seq, embed) in the compute dtype, before the output embedding
         (so a loss can apply the head in chunks: `memory.cross_entropy_sum`).
 
@@ -116,6 +130,8 @@ class Decoder(nnx.Module):
         Sliding-window layers also drop keys `sliding_window` or more slots back: within a row, real
         tokens fill consecutive slots, so slot distance is position distance.
         `dropout_key` turns on LoRA dropout (training); without it the forward is deterministic.
+        `keys` (static) limits attention to the first `keys` cache slots: the caller knows no token
+        beyond them is written yet, so each step reads only the filled part of the cache.
         """
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
@@ -127,11 +143,12 @@ class Decoder(nnx.Module):
         if cache is None:
             key_valid, q_slot = mask, jnp.arange(seq)
         else:
-            valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-            key_valid, q_slot = valid, cache.index + jnp.arange(seq)
+            valid = _write_slots(cache.valid, mask, cache.index)
+            key_valid, q_slot = valid[:, :keys], cache.index[..., None] + jnp.arange(seq)  # (T,) or per row (B, T)
+        q_slot = jnp.broadcast_to(q_slot, tokens.shape)
         k_slot = jnp.arange(key_valid.shape[1])
-        attend = (k_slot[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]  # (B, T, S)
-        near = q_slot[:, None] - k_slot[None, :] < (cfg.sliding_window or 0)  # (T, S): inside the window
+        attend = (k_slot[None, None, :] <= q_slot[:, :, None]) & key_valid[:, None, :]  # (B, T, S)
+        near = q_slot[:, :, None] - k_slot < (cfg.sliding_window or 0)  # (B, T, S): inside the window
         tables = [rope_tables(positions, cfg.head_dim, theta, dt) for theta in cfg.rope_bases]
         cos, sin = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])  # (bases, B, T, Dh)
 
@@ -140,7 +157,7 @@ class Decoder(nnx.Module):
             w, sliding, i = xs  # sliding: this layer's flag, scanned with its weights
             rope = sliding.astype(jnp.int32) * (len(tables) - 1)  # the local base if there is one
             x, kv = _block(cfg, w, x, cos[rope], sin[rope], jnp.where(sliding, attend & near, attend), kv,
-                           None if cache is None else (i, cache.index))
+                           None if cache is None else (i, cache.index, keys))
             return (pinning.constrain(x, ("batch", "seq", None)), kv), None
 
         kv_in = None if cache is None else (cache.k, cache.v)
@@ -198,12 +215,14 @@ def _block(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin, attend, kv, index)
     if cfg.qk_norm:
         q, k = _norm(cfg, q, w["q_norm"]), _norm(cfg, k, w["k_norm"])
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    if kv is not None:  # kv: every layer's cache (L, B, S, K, Dh); index: (this layer, first slot to write)
-        layer, slot = index
-        kv = tuple(jax.lax.dynamic_update_slice(c, new[None], (layer, 0, slot, 0, 0)) for c, new in zip(kv, (k, v)))
-        k, v = kv[0][layer], kv[1][layer]
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    if kv is None:
+        attn = _attention(q, k, v, attend, scalar)
+    else:  # kv: every layer's cache (L, B, K, S, Dh); index: (this layer, first slot(s) to write, slots read)
+        layer, slot, keys = index
+        kv = tuple(_write_layer(c, new, layer, slot) for c, new in zip(kv, (k, v)))
+        attn = _cached_attention(q, kv[0][layer, :, :, :keys], kv[1][layer, :, :, :keys], attend, scalar)
     post = (lambda y, name: _norm(cfg, y, w[name])) if cfg.post_norms else (lambda y, name: y)
-    attn = _attention(q, k, v, attend, cfg.query_pre_attn_scalar or cfg.head_dim)
     x = x + post(project(cfg, w, "wo", attn), "attn_post_norm")
     h = _norm(cfg, x, w.get("mlp_norm"))
     gate, up = project(cfg, w, "w_gate", h), project(cfg, w, "w_up", h)
@@ -218,6 +237,41 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, attend: jax.Array, scal
     float32-score softmax elsewhere (the same numbers as transformers' eager attention).
     """
     return jax.nn.dot_product_attention(q, k, v, mask=attend[:, None], scale=1 / math.sqrt(scalar))
+
+
+def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, attend: jax.Array, scalar: float) -> jax.Array:
+    """`_attention` over keys and values in the cache's layout, k/v (B,K,S,Dh): the dots read the cache as it
+    lies (batch dims B,K; S and Dh contiguous), where `jax.nn.dot_product_attention`'s (B,S,K,Dh) inputs made
+    XLA on CPU transpose every layer's cache slice at every step. Same arithmetic as its XLA path: float32
+    scores, scaled, masked with a large negative number, float32 softmax."""
+    B, T, H, Dh = q.shape
+    K, S = k.shape[1:3]
+    G = H // K  # the query heads sharing a KV head are rows of one (G*T, Dh) matrix per (b, k)
+    q = q.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
+    logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1 / math.sqrt(scalar))
+    attend = jnp.broadcast_to(attend[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
+    logits = jnp.where(attend, logits, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+    return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
+
+
+def _write_slots(valid: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """`new` (B, T) into `valid` (B, S) at slot `index`: shared (a slice update) or per row (a scatter)."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(valid, new, (0, index))
+    slots = index[:, None] + jnp.arange(new.shape[1])
+    return valid.at[jnp.arange(new.shape[0])[:, None], slots].set(new, unique_indices=True, mode="drop")
+
+
+def _write_layer(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    """New keys or values `new` (B, T, K, Dh) into one layer of the stacked cache (L, B, K, S, Dh)."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, new.transpose(0, 2, 1, 3)[None], (layer, 0, 0, index, 0))
+    B, T = new.shape[:2]
+    slots = index[:, None] + jnp.arange(T)  # (B, T); the indexed axes lead the update: (B, T, K, Dh)
+    return cache.at[layer, jnp.arange(B)[:, None], :, slots].set(new, unique_indices=True, mode="drop")
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

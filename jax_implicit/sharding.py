@@ -1,7 +1,7 @@
 """Placing parameters, optimizer state, batches and the KV cache on a device mesh, from logical axes.
 
 Every array in this project names its dimensions with logical axes (`model.logical_axes`,
-`model.KVCache.AXES`, and `batch`/`seq` for inputs). A rule table maps each logical axis to mesh
+`model.KVCache.logical_axes`, and `batch`/`seq` for inputs). A rule table maps each logical axis to mesh
 axes; `Sharder` turns (logical axes, shape) into a `NamedSharding`, so the same code runs pure
 data parallel, FSDP or FSDP + tensor parallel by changing `config.mesh().rules`.
 
@@ -210,9 +210,8 @@ class Sharder:
         return self.named((BATCH_AXES + (None,) * len(shape))[:len(shape)], shape)
 
     def cache(self, cache: M.KVCache) -> M.KVCache:
-        """A KVCache of shardings (from `KVCache.AXES`): rows like the batch, KV heads like the parameters."""
-        return M.KVCache(**{f: self.named(M.KVCache.AXES[f], np.shape(getattr(cache, f)))
-                            for f in M.KVCache.AXES})
+        """A KVCache of shardings (from `KVCache.logical_axes`): rows like the batch, KV heads like the parameters."""
+        return M.KVCache(**{f: self.named(axes, np.shape(getattr(cache, f))) for f, axes in cache.logical_axes().items()})
 
     def put(self, tree: Any, shardings: Any) -> Any:
         return jax.device_put(tree, shardings)

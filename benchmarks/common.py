@@ -1,0 +1,81 @@
+"""Helpers shared by the benchmarks: the machine and its load, memory bandwidth, and the rules as a
+transformers LogitsProcessor (the baseline's equivalent of the adapter fused into our decoding step)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import numpy as np
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes moved per second (read + write) by a large host memory copy, best of 5."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def machine(jax, torch) -> str:
+    """CPUs, load, library versions and `uptime`: the context every figure needs on a shared machine."""
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return (f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}; jax {jax.__version__} "
+            f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)\n"
+            f"uptime: {uptime}")
+
+
+def host_tables(tables) -> dict:
+    """`rules.RuleTables` as host values: arrays, and Python scalars for the 0-d fields."""
+    out = {k: np.array(v) for k, v in vars(tables).items()}  # writable copies, for torch.from_numpy
+    return {k: (v.item() if v.ndim == 0 else v) for k, v in out.items()}
+
+
+def seen_ids(ids: np.ndarray, seen: np.ndarray, vocab: int) -> np.ndarray:
+    """(batch, vocab) bool: the prompt ids the diversity rule counts (`seen` marks them in `ids`)."""
+    out = np.zeros((len(ids), vocab), bool)
+    for r in range(len(ids)):
+        out[r, ids[r][seen[r]]] = True
+    return out
+
+
+def hf_rule_processor(tables: dict, width: int, seen: np.ndarray, torch):
+    """The same product of experts as `rules.scores`, as a transformers LogitsProcessor (`tables` from
+    `host_tables`, `width` the left-padded prompt width, `seen` from `seen_ids`)."""
+    from transformers import LogitsProcessor
+
+    offsets = torch.from_numpy(tables["offsets"])
+    eos = torch.from_numpy(tables["eos"])
+    scale, horizon, monotone, diversity = (tables[k] for k in ("eos_scale", "eos_horizon", "eos_monotone", "diversity"))
+
+    class Rules(LogitsProcessor):
+        def __init__(self):
+            self.seen = torch.from_numpy(seen.copy())
+
+        def __call__(self, input_ids, scores):
+            n = input_ids.shape[1] - width
+            if n > 0:
+                self.seen[torch.arange(len(input_ids)), input_ids[:, -1]] = True
+            ramp = (scale if monotone else 0.0) if n >= horizon else (scale * n / horizon if n > 0 else 0.0)
+            rule = offsets + ramp * eos + diversity * self.seen.float()
+            return torch.log_softmax(scores, -1) + torch.log_softmax(rule, -1)
+
+    return Rules()
+
+
+def with_threads(torch, n: int | None, fn):
+    """`fn` run with `n` torch threads (None: torch's default). On a loaded 2-core machine OpenMP's second
+    thread can make small ops several times slower, so the baselines try both."""
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(n or threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+    return run

@@ -1,0 +1,89 @@
+"""Continuous batching (`decode._serve`, behind `generate_prompts`): the same tokens as decoding each
+prompt alone, with and without the rules, for prompts of very different lengths and stopping points;
+refills happen inside one compiled program; sampling is keyed by the instruction, not the slot."""
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from jax_implicit import convert, decode
+from jax_implicit import rules as R
+
+NEW = 12
+BUCKET = 64
+# One width bucket, very different lengths: the queue is longer than the slots, so slots are refilled.
+PROMPTS = ["Hi.", "Name a colour.", "Write one long sentence about the sea, the wind, the boats and the gulls.",
+           "Why?", "List three fruits, then three vegetables, then three grains, in that order.", "Count."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_smol_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_smol_dir)
+    dec = convert.load_hf(tiny_smol_dir)
+    tables = R.build(R.default_config(), tok, dec.cfg.vocab_size, tok.eos_token_id)
+    return tok, dec, [decode.encode(tok, p) for p in PROMPTS], tables
+
+
+def alone(dec, prompt, eos, tables, **kw):
+    """One prompt decoded by itself (batch 1, the static-batch decoder), as token ids without the EOS."""
+    ids, mask, seen = decode.pad_batch([prompt], 1, 16, dec.cfg.pad_token_id)
+    tokens, lengths = decode.generate(dec, ids, mask, seen_mask=seen, max_new_tokens=NEW, rules=tables,
+                                      eos_ids=eos, **kw)
+    row = np.asarray(tokens)[0, :int(lengths[0])].tolist()
+    return row[:-1] if row and row[-1] in eos else row
+
+
+def served(dec, tok, encoded, tables, slots, **kw):
+    """Every prompt's response through `generate_prompts` (continuous batching)."""
+    return decode.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=slots,
+                                   bucket=BUCKET, **kw)
+
+
+@pytest.fixture(scope="module")
+def eos(tiny):
+    """A stop id that greedy decoding hits at different steps in different rows (and never in some)."""
+    _, dec, encoded, _ = tiny
+    free = [alone(dec, p, (), None) for p in encoded]
+    counts = {}
+    for row in free:
+        for t in set(row[1:]):
+            counts[t] = counts.get(t, 0) + 1
+    stop = max(counts, key=counts.get)
+    assert 0 < counts[stop] < len(PROMPTS)
+    return (stop,)
+
+
+@pytest.mark.parametrize("with_rules", [False, True])
+def test_continuous_equals_each_prompt_alone(tiny, eos, with_rules, monkeypatch):
+    tok, dec, encoded, tables = tiny
+    tables = tables if with_rules else None
+    monkeypatch.setattr(decode, "eos_ids_for", lambda cfg, tokenizer: eos)
+    want = [alone(dec, p, eos, tables) for p in encoded]
+    stops = {len(w) for w in want}
+    assert len(stops) > 2 and NEW in stops  # rows stop early at different steps, and some run to the limit
+    got = served(dec, tok, encoded, tables, slots=2)
+    assert got == [tok.decode(w, skip_special_tokens=True) for w in want]
+
+
+def test_refills_do_not_recompile(tiny):
+    tok, dec, encoded, tables = tiny
+    served(dec, tok, encoded[:4], tables, slots=2)
+    compiled = decode._serve_jit._cache_size()
+    served(dec, tok, encoded[2:], tables, slots=2)  # other prompts, other refill points: same shapes
+    assert decode._serve_jit._cache_size() == compiled
+
+
+def test_sampling_is_keyed_by_instruction(tiny):
+    tok, dec, encoded, tables = tiny
+    kw = dict(temperature=2.0, seed=3)
+    two = decode.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=2, bucket=BUCKET,
+                                  **kw)
+    three = decode.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=3,
+                                    bucket=BUCKET, **kw)
+    assert two == three and len(set(two)) > 1
+    resumed = decode.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=2,
+                                      bucket=BUCKET, done={0: two[0], 4: two[4]}, **kw)
+    assert resumed == two
+    other = decode.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=2,
+                                    bucket=BUCKET, temperature=2.0, seed=4)
+    assert other != two
