@@ -404,13 +404,19 @@ def generate_prompts(decoder: M.Decoder, tokenizer, encoded: Sequence[Prompt], *
     return outputs
 
 
+# Prompts queued per decoding slot in one compiled call: a call drains its slots at the end, and a killed run
+# loses at most the call in flight.
+QUEUED_PER_SLOT = 4
+
+
 def serve(decoder: M.Decoder, prompts: Mapping[int, Prompt], eos: Sequence[int], *, max_new_tokens: int,
           rules: R.RuleTables | None = None, batch_size: int = 16, bucket: int = 64, temperature: float = 0.0,
           top_p: float = 1.0, seed: int = 0, sharder=None, on_tokens: Callable[[int], None] | None = None
           ) -> Iterator[dict[int, list[int]]]:
     """Continuous batching of `prompts` {instruction index: prompt}: they are grouped by width (a multiple of
     `bucket`, so few shapes compile) and each group is decoded in `batch_size` slots by `_serve`, a finished
-    response's slot taking the next prompt at once. Yields {index: response ids, EOS dropped} per group;
+    response's slot taking the next prompt at once, at most `QUEUED_PER_SLOT * batch_size` prompts per call so
+    that finished work comes back (and is kept) as it goes. Yields {index: response ids, EOS dropped} per call;
     `on_tokens(n)` is called after every decoding step with the tokens it produced."""
     global _token_listener
     cfg = decoder.cfg
@@ -419,7 +425,8 @@ def serve(decoder: M.Decoder, prompts: Mapping[int, Prompt], eos: Sequence[int],
     for k in sorted(prompts, key=lambda k: len(prompts[k].ids)):
         groups.setdefault(-(-len(prompts[k].ids) // bucket), []).append(k)
     slots = min(batch_size, len(prompts))
-    for group in groups.values():
+    chunk = QUEUED_PER_SLOT * slots
+    for group in (g[i:i + chunk] for g in groups.values() for i in range(0, len(g), chunk)):
         queue = 1 << (len(group) - 1).bit_length()  # queue rows: a power of two, for few compiled shapes
         ids, mask, seen = pad_batch([prompts[k] for k in group], queue, bucket, pad_id)
         order = np.array(group + [0] * (queue - len(group)), np.int32)
