@@ -43,7 +43,7 @@ def main(argv):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
-    from jax_implicit import convert, decode, generate, rules
+    from jax_implicit import convert, decode, generate, rules, serving
 
     cfg = _CONFIG.value
     new = _NEW.value
@@ -53,7 +53,7 @@ def main(argv):
     tables = rules.build(cfg.rules, tok, ours.cfg.vocab_size, tok.eos_token_id)
     hf_tables = host_tables(tables)
     rows = generate.read_instructions(_PROMPTS.value)
-    encoded = [decode.encode(tok, r["instruction"], cfg.decode.tag_set) for r in rows]
+    encoded = [serving.encode(tok, r["instruction"], cfg.decode.tag_set) for r in rows]
 
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(ours))
     bandwidth = copy_bandwidth()
@@ -62,7 +62,7 @@ def main(argv):
           f"-> batch-1 bound {bandwidth / weight_bytes:.1f} tokens/s")
 
     for batch in (int(b) for b in _BATCHES.value):
-        ids, mask, seen = decode.pad_batch(encoded[:batch], batch, 1, tok.pad_token_id or 0)
+        ids, mask, seen = serving.pad_batch(encoded[:batch], batch, 1, tok.pad_token_id or 0)
         seen_v = seen_ids(ids, seen, ours.cfg.vocab_size)
 
         def run_ours():

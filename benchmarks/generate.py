@@ -1,6 +1,6 @@
 """The end-to-end evaluation workload: the 56 validation instructions and the first 200 AlpacaEval
 instructions, the three rules, up to `--new_tokens` tokens stopping at EOS; our continuous-batching decoder
-(`decode.serve`) against transformers `generate` with the equivalent rule LogitsProcessor, in one process.
+(`serving.serve`) against transformers `generate` with the equivalent rule LogitsProcessor, in one process.
 
     .venv/bin/python benchmarks/generate.py [--limit=8] [--new_tokens=512] [--hf_batch_sizes=8,16]
 
@@ -44,16 +44,16 @@ def main(argv):
     import torch
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
-    from jax_implicit import convert, decode, generate, rules
+    from jax_implicit import convert, generate, rules, serving
 
     cfg, new = _CONFIG.value, _NEW.value
     tok = convert.load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     ours = convert.load_hf(cfg.model.path, param_dtype="float32", dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
     tables = rules.build(cfg.rules, tok, ours.cfg.vocab_size, tok.eos_token_id)
-    eos = decode.eos_ids_for(ours.cfg, tok)
+    eos = serving.eos_ids_for(ours.cfg, tok)
     rows = [r for name, n in WORKLOAD for r in generate.read_instructions(name, min(n, _LIMIT.value or n))]
-    prompts = dict(enumerate(decode.encode_all(tok, [r["instruction"] for r in rows], cfg.decode.tag_set, new,
+    prompts = dict(enumerate(serving.encode_all(tok, [r["instruction"] for r in rows], cfg.decode.tag_set, new,
                                                ours.cfg.max_position_embeddings)))
     print(machine(jax, torch))
     print(f"workload: {len(rows)} instructions, up to {new} new tokens, stop at EOS {eos}, rules {rules.variant(cfg.rules)}")
@@ -66,7 +66,7 @@ def main(argv):
 
     start = time.perf_counter()
     got = {}
-    for group in decode.serve(ours, prompts, eos, max_new_tokens=new, rules=tables, batch_size=cfg.decode.batch_size,
+    for group in serving.serve(ours, prompts, eos, max_new_tokens=new, rules=tables, batch_size=cfg.decode.batch_size,
                               bucket=cfg.decode.bucket, on_tokens=tokens):
         got |= group
     wall = time.perf_counter() - start
@@ -85,7 +85,7 @@ def main(argv):
         def run_hf():
             for s in range(0, len(order), batch):
                 chunk = order[s:s + batch]
-                ids, mask, seen = decode.pad_batch([prompts[k] for k in chunk], len(chunk), 1, tok.pad_token_id)
+                ids, mask, seen = serving.pad_batch([prompts[k] for k in chunk], len(chunk), 1, tok.pad_token_id)
                 processor = hf_rule_processor(hf_tables, ids.shape[1], seen_ids(ids, seen, ours.cfg.vocab_size), torch)
                 with torch.no_grad():
                     gen = hf.generate(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),

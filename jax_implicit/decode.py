@@ -3,24 +3,24 @@ donated KV cache that stops once every row has produced EOS or `max_new_tokens` 
 rule-based adapter (`rules.py`) is applied to the logits inside the same step, so there is no
 host round trip per token.
 
-`generate` works on token arrays (left-padded prompts); `generate_texts` is the host-side helper
-that formats, tokenizes, buckets and detokenizes a list of instructions. Every array reaches the
-jitted function as an argument (nothing is closed over) so a caller may place the decoder, cache
-and batch on a device mesh beforehand.
+`generate` works on token arrays (left-padded prompts); `_serve` is continuous batching, whose host side
+(formatting, tokenizing, grouping and detokenizing instructions) is `serving.py`. Every array reaches the
+jitted functions as an argument (nothing is closed over) so a caller may place the decoder, cache and
+batch on a device mesh beforehand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_implicit import model as M
-from jax_implicit import prompts
 from jax_implicit import rules as R
 
 
@@ -121,9 +121,20 @@ _generate_jit = jax.jit(_generate, static_argnames=("max_new_tokens",), donate_a
 
 
 # Per-token progress: `_serve` reports each step's new tokens through a host callback to this listener
-# (set by `generate_prompts` for its call). A module-level function, so the compiled program does not
-# depend on which listener is set.
+# (set by `listening` for one call). A module-level function, so the compiled program does not depend on
+# which listener is set.
 _token_listener: Callable[[int], None] | None = None
+
+
+@contextlib.contextmanager
+def listening(on_tokens: Callable[[int], None] | None):
+    """While inside, `on_tokens(n)` is called after every step of `_serve` with the tokens it produced."""
+    global _token_listener
+    _token_listener = on_tokens
+    try:
+        yield
+    finally:
+        _token_listener = None
 
 
 def _count_tokens(n: jax.Array) -> None:
@@ -295,156 +306,3 @@ def _global_rows(cache: M.KVCache) -> Callable[[np.ndarray], jax.Array]:
     sharding = jax.sharding.NamedSharding(cache.k.sharding.mesh,
                                           jax.sharding.PartitionSpec(spec[1] if len(spec) > 1 else None))
     return lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-# ----------------------------------------------------------------------------- text in, text out
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    ids: list[int]
-    seen_from: int  # first token after the user tag: where the diversity rule starts counting
-
-
-def encode(tokenizer, instruction: str, tag_set: str = "user_assistant") -> Prompt:
-    """Tokenize the evaluation prompt (BOS as the tokenizer adds it) and locate the end of the user tag."""
-    text = prompts.generation_prompt(instruction, tag_set)
-    enc = tokenizer(text, return_offsets_mapping=True)
-    user_end = len(prompts.tags(tag_set)[0])
-    starts = [k for k, (_, end) in enumerate(enc["offset_mapping"]) if end > user_end]
-    return Prompt(list(enc["input_ids"]), starts[0])
-
-
-def encode_all(tokenizer, instructions: Sequence[str], tag_set: str, max_new_tokens: int,
-               context: int) -> list[Prompt]:
-    """`encode` every instruction, failing (by index) on an empty list or a prompt that does not fit
-    in `context` positions together with `max_new_tokens`."""
-    if len(instructions) == 0:
-        raise ValueError("no instructions to decode")
-    _check_new_tokens(max_new_tokens)
-    encoded = [encode(tokenizer, ins, tag_set) for ins in instructions]
-    check_fit(encoded, max_new_tokens, context)
-    return encoded
-
-
-def check_fit(encoded: Sequence[Prompt], max_new_tokens: int, context: int, what: str = "instruction") -> None:
-    for k, p in enumerate(encoded):
-        if len(p.ids) + max_new_tokens > context:
-            raise ValueError(f"{what} {k} is {len(p.ids)} tokens; with max_new_tokens={max_new_tokens} it "
-                             f"exceeds the context of {context} positions")
-
-
-def pad_batch(batch: Sequence[Prompt], rows: int, bucket: int, pad_id: int) -> tuple[np.ndarray, ...]:
-    """Left-pad to a multiple of `bucket` columns and `rows` rows (dummy rows repeat the first prompt)
-    so that a whole dataset compiles to a few shapes."""
-    width = -(-max(len(p.ids) for p in batch) // bucket) * bucket
-    ids = np.full((rows, width), pad_id, np.int32)
-    mask = np.zeros((rows, width), bool)
-    seen = np.zeros((rows, width), bool)
-    for r in range(rows):
-        p = batch[r] if r < len(batch) else batch[0]
-        n = len(p.ids)
-        ids[r, width - n:] = p.ids
-        mask[r, width - n:] = True
-        seen[r, width - n + p.seen_from:] = True
-    return ids, mask, seen
-
-
-def eos_ids_for(cfg: M.ModelConfig, tokenizer) -> tuple[int, ...]:
-    """Stop on the model's EOS ids and the tokenizer's EOS token."""
-    ids = set(cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-    return tuple(sorted(ids))
-
-
-def sharded_cache(cfg: M.ModelConfig, sharder, rows: int, slots: int, per_row: bool = False) -> M.KVCache:
-    """An empty KV cache made directly in its shards (rows like the batch, KV heads like the parameters)."""
-    make = lambda: M.KVCache.init(cfg, rows, slots, per_row)
-    return jax.jit(make, out_shardings=sharder.cache(jax.eval_shape(make)))()
-
-
-def generate_texts(decoder: M.Decoder, tokenizer, instructions: Sequence[str], *, max_new_tokens: int,
-                   rules: R.RuleTables | None = None, tag_set: str = "user_assistant", batch_size: int = 16,
-                   bucket: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                   on_batch: Callable[[dict[int, str], int], None] | None = None,
-                   done: Mapping[int, str] | None = None, sharder=None,
-                   on_tokens: Callable[[int], None] | None = None) -> list[str]:
-    """Responses to `instructions`, in order, by continuous batching in `batch_size` slots (`generate_prompts`).
-    `on_batch({index: response}, new_tokens)` reports finished work (progress bars, partial files); responses in
-    `done` (by index) are taken from there, and a rerun gives the responses of an uninterrupted run.
-    With a `sharding.Sharder` (the decoder already on its mesh) the KV cache is created in its shards."""
-    check_settings(max_new_tokens, batch_size, bucket, temperature, top_p)
-    encoded = encode_all(tokenizer, instructions, tag_set, max_new_tokens, decoder.cfg.max_position_embeddings)
-    return generate_prompts(decoder, tokenizer, encoded, max_new_tokens=max_new_tokens, rules=rules,
-                            batch_size=batch_size, bucket=bucket, temperature=temperature, top_p=top_p, seed=seed,
-                            on_batch=on_batch, done=done, sharder=sharder, on_tokens=on_tokens)
-
-
-def generate_prompts(decoder: M.Decoder, tokenizer, encoded: Sequence[Prompt], *, max_new_tokens: int,
-                     rules: R.RuleTables | None = None, batch_size: int = 16, bucket: int = 64,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                     on_batch: Callable[[dict[int, str], int], None] | None = None,
-                     done: Mapping[int, str] | None = None, sharder=None,
-                     on_tokens: Callable[[int], None] | None = None) -> list[str]:
-    """`generate_texts` for prompts already tokenized in any format (a judge's chat template, say), by
-    continuous batching (`serve`). A response depends only on its prompt and index, so the responses in
-    `done` (by index) are taken from there and a resumed run equals an uninterrupted one.
-    `on_batch({index: response}, new_tokens)` is called after each group of `serve`."""
-    eos = eos_ids_for(decoder.cfg, tokenizer)
-    done = done or {}
-    outputs = [done.get(k, "") for k in range(len(encoded))]
-    todo = {k: p for k, p in enumerate(encoded) if k not in done}
-    for rows in serve(decoder, todo, eos, max_new_tokens=max_new_tokens, rules=rules, batch_size=batch_size,
-                      bucket=bucket, temperature=temperature, top_p=top_p, seed=seed, sharder=sharder,
-                      on_tokens=on_tokens):
-        texts = {k: tokenizer.decode(row, skip_special_tokens=True) for k, row in rows.items()}
-        for k, text in texts.items():
-            outputs[k] = text
-        if on_batch is not None:
-            on_batch(texts, sum(map(len, rows.values())))
-    return outputs
-
-
-# Prompts queued per decoding slot in one compiled call: a call drains its slots at the end, and a killed run
-# loses at most the call in flight.
-QUEUED_PER_SLOT = 4
-
-
-def serve(decoder: M.Decoder, prompts: Mapping[int, Prompt], eos: Sequence[int], *, max_new_tokens: int,
-          rules: R.RuleTables | None = None, batch_size: int = 16, bucket: int = 64, temperature: float = 0.0,
-          top_p: float = 1.0, seed: int = 0, sharder=None, on_tokens: Callable[[int], None] | None = None
-          ) -> Iterator[dict[int, list[int]]]:
-    """Continuous batching of `prompts` {instruction index: prompt}: they are grouped by width (a multiple of
-    `bucket`, so few shapes compile) and each group is decoded in `batch_size` slots by `_serve`, a finished
-    response's slot taking the next prompt at once, at most `QUEUED_PER_SLOT * batch_size` prompts per call so
-    that finished work comes back (and is kept) as it goes. Yields {index: response ids, EOS dropped} per call;
-    `on_tokens(n)` is called after every decoding step with the tokens it produced."""
-    global _token_listener
-    cfg = decoder.cfg
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
-    groups: dict[int, list[int]] = {}
-    for k in sorted(prompts, key=lambda k: len(prompts[k].ids)):
-        groups.setdefault(-(-len(prompts[k].ids) // bucket), []).append(k)
-    slots = min(batch_size, len(prompts))
-    chunk = QUEUED_PER_SLOT * slots
-    for group in (g[i:i + chunk] for g in groups.values() for i in range(0, len(g), chunk)):
-        queue = 1 << (len(group) - 1).bit_length()  # queue rows: a power of two, for few compiled shapes
-        ids, mask, seen = pad_batch([prompts[k] for k in group], queue, bucket, pad_id)
-        order = np.array(group + [0] * (queue - len(group)), np.int32)
-        shape = (slots, ids.shape[1] - 1 + max_new_tokens)
-        cache = (M.KVCache.init(cfg, *shape, per_row=True) if sharder is None
-                 else sharded_cache(cfg, sharder, *shape, per_row=True))
-        _token_listener = on_tokens
-        try:
-            tokens, lengths, _ = _serve_jit(
-                decoder, ids, mask, seen, order, np.int32(len(group)), cache, rules,
-                np.array(eos, np.int32).reshape(-1), np.float32(temperature), np.float32(top_p),
-                jax.random.key(seed) if temperature > 0 else None, max_new_tokens=max_new_tokens)
-            if not tokens.is_fully_addressable:  # multi-host: every process gets every row
-                from jax.experimental import multihost_utils
-
-                tokens, lengths = multihost_utils.process_allgather((tokens, lengths), tiled=True)
-            tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-        finally:
-            _token_listener = None
-        rows = {k: tokens[r, :lengths[r]].tolist() for r, k in enumerate(group)}
-        yield {k: row[:-1] if row and row[-1] in eos else row for k, row in rows.items()}

@@ -45,7 +45,7 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
     them (`sharding.py`); process 0 writes."""
     from tqdm import tqdm
 
-    from jax_implicit import decode, distributed, model, pinning, pretrained, rules
+    from jax_implicit import decode, distributed, model, pinning, pretrained, rules, serving
     from jax_implicit.sharding import Sharder
 
     import jax
@@ -60,7 +60,7 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
     path, tokenizer = pretrained.locate(cfg.model)
     mcfg = model.from_hf_config(path)
     try:  # before loading weights: a prompt that does not fit is a config error
-        decode.encode_all(tokenizer, [r["instruction"] for r in rows], d.tag_set, d.max_new_tokens,
+        serving.encode_all(tokenizer, [r["instruction"] for r in rows], d.tag_set, d.max_new_tokens,
                           mcfg.max_position_embeddings)
     except ValueError as err:
         raise ValueError(f"{cfg.data.instructions}: {err}") from None
@@ -97,7 +97,7 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
             elapsed = time.perf_counter() - first_step if first_step is not None else 0.0
             return f"{since_first / elapsed:.1f}" if elapsed > 0 else "-"
 
-        outputs = decode.generate_texts(
+        outputs = serving.generate_texts(
             decoder, tokenizer, [r["instruction"] for r in rows], max_new_tokens=d.max_new_tokens, rules=tables,
             tag_set=d.tag_set, batch_size=d.batch_size, bucket=d.bucket, temperature=d.temperature, top_p=d.top_p,
             seed=d.seed, on_batch=progress, done={int(k): v for k, v in keep.items.items()}, sharder=sh,

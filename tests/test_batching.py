@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from jax_implicit import batching, decode
+from jax_implicit import batching, serving
 from jax_implicit.evaluate import ranking
 
 
@@ -58,10 +58,10 @@ def test_packing_covers_every_sequence_within_budget_with_little_padding(ranking
 
 
 def test_decoding_prompts_left_padded_like_decode():
-    prompts = [decode.Prompt(list(range(1, 11)), 3), decode.Prompt(list(range(1, 21)), 5)]
+    prompts = [serving.Prompt(list(range(1, 11)), 3), serving.Prompt(list(range(1, 21)), 5)]
     ids, mask, seen = batching.pad_prompts(prompts, 3, 16, pad_id=0)
     assert ids.shape == (3, 24)  # 20 tokens: the padded length after 16
-    old = decode.pad_batch(prompts, 3, 16, 0)  # a multiple of 16: 32 columns, the same right-aligned content
+    old = serving.pad_batch(prompts, 3, 16, 0)  # a multiple of 16: 32 columns, the same right-aligned content
     for new, before in zip((ids, mask, seen), old):
         np.testing.assert_array_equal(new, before[:, -24:])
     assert mask[:, -1].all() and np.array_equal(ids[2], ids[0])  # the dummy row repeats the first prompt

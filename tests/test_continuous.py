@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from jax_implicit import convert, decode
+from jax_implicit import convert, decode, serving
 from jax_implicit import rules as R
 
 NEW = 12
@@ -21,12 +21,12 @@ def tiny(tiny_smol_dir):
     tok = AutoTokenizer.from_pretrained(tiny_smol_dir)
     dec = convert.load_hf(tiny_smol_dir)
     tables = R.build(R.default_config(), tok, dec.cfg.vocab_size, tok.eos_token_id)
-    return tok, dec, [decode.encode(tok, p) for p in PROMPTS], tables
+    return tok, dec, [serving.encode(tok, p) for p in PROMPTS], tables
 
 
 def alone(dec, prompt, eos, tables, **kw):
     """One prompt decoded by itself (batch 1, the static-batch decoder), as token ids without the EOS."""
-    ids, mask, seen = decode.pad_batch([prompt], 1, 16, dec.cfg.pad_token_id)
+    ids, mask, seen = serving.pad_batch([prompt], 1, 16, dec.cfg.pad_token_id)
     tokens, lengths = decode.generate(dec, ids, mask, seen_mask=seen, max_new_tokens=NEW, rules=tables,
                                       eos_ids=eos, **kw)
     row = np.asarray(tokens)[0, :int(lengths[0])].tolist()
@@ -35,7 +35,7 @@ def alone(dec, prompt, eos, tables, **kw):
 
 def served(dec, tok, encoded, tables, slots, **kw):
     """Every prompt's response through `generate_prompts` (continuous batching)."""
-    return decode.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=slots,
+    return serving.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=slots,
                                    bucket=BUCKET, **kw)
 
 
@@ -57,7 +57,7 @@ def eos(tiny):
 def test_continuous_equals_each_prompt_alone(tiny, eos, with_rules, monkeypatch):
     tok, dec, encoded, tables = tiny
     tables = tables if with_rules else None
-    monkeypatch.setattr(decode, "eos_ids_for", lambda cfg, tokenizer: eos)
+    monkeypatch.setattr(serving, "eos_ids_for", lambda cfg, tokenizer: eos)
     want = [alone(dec, p, eos, tables) for p in encoded]
     stops = {len(w) for w in want}
     assert len(stops) > 2 and NEW in stops  # rows stop early at different steps, and some run to the limit
@@ -76,14 +76,14 @@ def test_refills_do_not_recompile(tiny):
 def test_sampling_is_keyed_by_instruction(tiny):
     tok, dec, encoded, tables = tiny
     kw = dict(temperature=2.0, seed=3)
-    two = decode.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=2, bucket=BUCKET,
+    two = serving.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=2, bucket=BUCKET,
                                   **kw)
-    three = decode.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=3,
+    three = serving.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=3,
                                     bucket=BUCKET, **kw)
     assert two == three and len(set(two)) > 1
-    resumed = decode.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=2,
+    resumed = serving.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=2,
                                       bucket=BUCKET, done={0: two[0], 4: two[4]}, **kw)
     assert resumed == two
-    other = decode.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=2,
+    other = serving.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=2,
                                     bucket=BUCKET, temperature=2.0, seed=4)
     assert other != two

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jax_implicit import convert, decode, generate
+from jax_implicit import convert, decode, generate, serving
 from jax_implicit import rules as R
 
 NEW = 16
@@ -82,8 +82,8 @@ def val(data_dir):
 def smol(smollm2_dir, val):
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     dec = convert.load_hf(smollm2_dir)
-    encoded = [decode.encode(tok, ins) for ins in val]
-    return tok, dec, encoded, decode.eos_ids_for(dec.cfg, tok)
+    encoded = [serving.encode(tok, ins) for ins in val]
+    return tok, dec, encoded, serving.eos_ids_for(dec.cfg, tok)
 
 
 def tables_for(tok, name):
@@ -101,7 +101,7 @@ def rows_of(tokens, lengths):
 def batched(smol):
     """All ten prompts in one left-padded batch, for every rule config (one compilation for all four)."""
     tok, dec, encoded, eos = smol
-    ids, mask, seen = decode.pad_batch(encoded, len(encoded), 64, dec.cfg.pad_token_id)
+    ids, mask, seen = serving.pad_batch(encoded, len(encoded), 64, dec.cfg.pad_token_id)
     assert len(set(mask.sum(1))) > 5  # really mixed lengths
     return {name: rows_of(*decode.generate(dec, ids, mask, seen_mask=seen, max_new_tokens=NEW,
                                            rules=tables_for(tok, name), eos_ids=eos))
@@ -141,7 +141,7 @@ def test_batched_equals_batch_one(smol, batched):
     tok, dec, encoded, eos = smol
     tables = tables_for(tok, "all")
     for r, p in enumerate(encoded):
-        ids, mask, seen = decode.pad_batch([p], 1, 64, dec.cfg.pad_token_id)
+        ids, mask, seen = serving.pad_batch([p], 1, 64, dec.cfg.pad_token_id)
         alone = rows_of(*decode.generate(dec, ids, mask, seen_mask=seen, max_new_tokens=NEW, rules=tables,
                                          eos_ids=eos))
         assert alone[0] == batched["all"][r], f"row {ROWS[r]}"
@@ -154,7 +154,7 @@ def test_batched_equals_batch_one(smol, batched):
 def tiny(tiny_smol_dir):
     tok = AutoTokenizer.from_pretrained(tiny_smol_dir)
     dec = convert.load_hf(tiny_smol_dir)
-    ids, mask, seen = decode.pad_batch([decode.encode(tok, s) for s in TINY_PROMPTS], 3, 16, 2)
+    ids, mask, seen = serving.pad_batch([serving.encode(tok, s) for s in TINY_PROMPTS], 3, 16, 2)
     return tok, dec, ids, mask, seen
 
 
@@ -251,11 +251,11 @@ def test_bad_arrays_fail_before_compiling(tiny, no_compile):
 def test_bad_instructions_fail_before_compiling(tiny, no_compile):
     tok, dec, *_ = tiny
     with pytest.raises(ValueError, match="no instructions"):
-        decode.generate_texts(dec, tok, [], max_new_tokens=4)
+        serving.generate_texts(dec, tok, [], max_new_tokens=4)
     with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
-        decode.generate_texts(dec, tok, ["hi"], max_new_tokens=0)
+        serving.generate_texts(dec, tok, ["hi"], max_new_tokens=0)
     with pytest.raises(ValueError, match="instruction 1 is .* tokens; with max_new_tokens=16 it exceeds the context"):
-        decode.generate_texts(dec, tok, ["hi", "word " * 300], max_new_tokens=16)
+        serving.generate_texts(dec, tok, ["hi", "word " * 300], max_new_tokens=16)
 
 
 def test_bad_instruction_files_are_named(tmp_path):

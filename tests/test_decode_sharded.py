@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from jax_implicit import convert, decode, generate, pinning, rules
+from jax_implicit import convert, decode, generate, pinning, rules, serving
 from jax_implicit import model as M
 from jax_implicit.sharding import Sharder, make_mesh, RULES
 
@@ -27,10 +27,10 @@ NEW_TOKENS = 12
 def setup(tiny_smol_dir):
     tok = AutoTokenizer.from_pretrained(tiny_smol_dir)
     cfg = M.from_hf_config(tiny_smol_dir)
-    prompts = decode.encode_all(tok, INSTRUCTIONS, "user_assistant", NEW_TOKENS, cfg.max_position_embeddings)
-    ids, mask, seen = decode.pad_batch(prompts, len(prompts), 16, cfg.pad_token_id)
+    prompts = serving.encode_all(tok, INSTRUCTIONS, "user_assistant", NEW_TOKENS, cfg.max_position_embeddings)
+    ids, mask, seen = serving.pad_batch(prompts, len(prompts), 16, cfg.pad_token_id)
     tables = rules.build(rules.default_config(), tok, cfg.vocab_size, tok.eos_token_id)
-    args = dict(seen_mask=seen, max_new_tokens=NEW_TOKENS, rules=tables, eos_ids=decode.eos_ids_for(cfg, tok))
+    args = dict(seen_mask=seen, max_new_tokens=NEW_TOKENS, rules=tables, eos_ids=serving.eos_ids_for(cfg, tok))
     tokens, lengths = decode.generate(convert.load_hf(tiny_smol_dir), ids, mask, **args)
     return ids, mask, args, np.asarray(tokens), np.asarray(lengths)
 

@@ -174,12 +174,12 @@ def test_judge_answers_must_be_single_tokens(tiny_smol_dir, tmp_path):
 def test_end_to_end_on_outputs_decoded_by_this_project(smollm2_dir, data_dir, tmp_path):
     """Real SmolLM2-135M-Instruct answers three validation instructions (this project's greedy decoder), then
     alpaca_eval judges them against the paper's gpt-3.5-turbo references with the default local judge."""
-    from jax_implicit import convert, decode
+    from jax_implicit import convert, serving
 
     refs = json.loads((data_dir / "val_eval" / "val-gpt3.5-2.json").read_text())
     refs = sorted(refs, key=lambda r: len(r["output"]))[:3]  # the shortest references keep the judge's prompts short
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    texts = decode.generate_texts(convert.load_hf(smollm2_dir), tok, [r["instruction"] for r in refs],
+    texts = serving.generate_texts(convert.load_hf(smollm2_dir), tok, [r["instruction"] for r in refs],
                                   max_new_tokens=32)
     outs = [{"instruction": r["instruction"], "output": t, "generator": "smollm2-greedy", "dataset": "val"}
             for r, t in zip(refs, texts)]

@@ -136,11 +136,11 @@ def test_missing_column_and_judge_without_key(tmp_path, monkeypatch):
 
 
 def test_replies_are_kept_batch_by_batch_and_a_killed_run_resumes(tiny_long_context, tmp_path, monkeypatch):
-    from jax_implicit import decode
+    from jax_implicit import decode, serving
 
     cfg = config(tmp_path, tiny_long_context)
     cfg.decode.batch_size = 2
-    monkeypatch.setattr(decode, "QUEUED_PER_SLOT", 1)  # continuous batching returns replies every 2 prompts
+    monkeypatch.setattr(serving, "QUEUED_PER_SLOT", 1)  # continuous batching returns replies every 2 prompts
     items = safety.load_items(cfg)
     real, calls = decode._serve_jit, []
 

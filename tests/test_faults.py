@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import AutoTokenizer
 from test_train import CPU_CONFIG, ONE_DEVICE, ROOT, CompileEvents, corrupt_latest, hf_params, overrides, tiny_config
 
-from jax_implicit import checkpoint, data, decode, generate, partial, runlock, train, train_config
+from jax_implicit import checkpoint, data, decode, generate, partial, runlock, serving, train, train_config
 from jax_implicit.evaluate import ranking, scoring
 
 
@@ -279,11 +279,11 @@ def instructions(tmp_path):
 def test_generate_killed_midway_resumes_to_identical_output(tiny_smol_dir, instructions, tmp_path, monkeypatch):
     whole = generate.run(generate_config(tiny_smol_dir, instructions, tmp_path / "whole" / "out.json"))
     cfg = generate_config(tiny_smol_dir, instructions, tmp_path / "killed" / "out.json")
-    monkeypatch.setattr(decode, "QUEUED_PER_SLOT", 1)  # continuous batching returns work every 2 prompts here
+    monkeypatch.setattr(serving, "QUEUED_PER_SLOT", 1)  # continuous batching returns work every 2 prompts here
     calls = interrupt_after(monkeypatch, decode, "_serve_jit", 99)
     generate.run(generate_config(tiny_smol_dir, instructions, tmp_path / "counted" / "out.json"))
     monkeypatch.undo()
-    monkeypatch.setattr(decode, "QUEUED_PER_SLOT", 1)
+    monkeypatch.setattr(serving, "QUEUED_PER_SLOT", 1)
     interrupt_after(monkeypatch, decode, "_serve_jit", 1)
     with pytest.raises(Interrupt):
         generate.run(cfg)
@@ -291,7 +291,7 @@ def test_generate_killed_midway_resumes_to_identical_output(tiny_smol_dir, instr
     first = len(kept.read_text().splitlines()) - 1  # the rows of the first call, after the header
     assert 1 <= first < 5 and not Path(cfg.output).exists()
     monkeypatch.undo()
-    monkeypatch.setattr(decode, "QUEUED_PER_SLOT", 1)
+    monkeypatch.setattr(serving, "QUEUED_PER_SLOT", 1)
     decoded = interrupt_after(monkeypatch, decode, "_serve_jit", 99)
     assert generate.run(cfg).read_bytes() == whole.read_bytes()
     assert len(calls) >= 2 and len(decoded) < len(calls) and not kept.exists()  # the first call's work was kept

@@ -1,7 +1,7 @@
 """Refusal evaluation as Response Tuning runs it: greedy replies to AdvBench, HarmBench (standard + contextual),
 MaliciousInstruct and XSTest, each called a refusal or a compliance, and that paper's metrics.
 
-Replies come from the project's compiled decoder (`decode.generate_texts`, optionally with the rules).
+Replies come from the project's compiled decoder (`serving.generate_texts`, optionally with the rules).
 Every reply is classified by GCG's refusal-prefix list (offline, always) and, unless `judge.kind=none`, by
 an LLM judge given Response Tuning's judge prompt: an OpenAI-compatible endpoint when its key is set, else a
 local model decoding through this project's decoder. Replies and judgements are kept beside the results
@@ -93,14 +93,14 @@ class LocalJudge:
 
     def outputs(self, prompts: Sequence[str]) -> Iterator[str]:
         """Loads the judge model only when something is left to judge."""
-        from jax_implicit import decode
+        from jax_implicit import serving
         from jax_implicit.evaluate import judge
 
         decoder, tokenizer = pretrained.load_with_tokenizer(self.c.model)
-        encoded = [decode.Prompt(judge.encode(tokenizer, p), 0) for p in prompts]
-        decode.check_fit(encoded, self.c.max_new_tokens, decoder.cfg.max_position_embeddings, "judge prompt")
+        encoded = [serving.Prompt(judge.encode(tokenizer, p), 0) for p in prompts]
+        serving.check_fit(encoded, self.c.max_new_tokens, decoder.cfg.max_position_embeddings, "judge prompt")
         for start in range(0, len(encoded), self.c.batch_size):
-            yield from decode.generate_prompts(decoder, tokenizer, encoded[start:start + self.c.batch_size],
+            yield from serving.generate_prompts(decoder, tokenizer, encoded[start:start + self.c.batch_size],
                                                max_new_tokens=self.c.max_new_tokens, batch_size=self.c.batch_size)
 
 
@@ -139,7 +139,7 @@ def generate(cfg, items: list[dict], cache_path: Path) -> list[str]:
     batch, so a rerun of a killed evaluation decodes only what is left); prompt lengths are checked against
     the model's context before its weights load."""
 
-    from jax_implicit import decode, model, rules
+    from jax_implicit import model, rules, serving
 
     settings = generation_settings(cfg)
     cached = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
@@ -149,7 +149,7 @@ def generate(cfg, items: list[dict], cache_path: Path) -> list[str]:
         path, tokenizer = pretrained.locate(cfg.model)
         mcfg = model.from_hf_config(path)
         d = cfg.decode
-        encoded = {p: decode.encode(tokenizer, p, d.tag_set) for p in todo}
+        encoded = {p: serving.encode(tokenizer, p, d.tag_set) for p in todo}
         for x in items:
             n = len(encoded[x["prompt"]].ids) if x["prompt"] in encoded else 0
             if n + d.max_new_tokens > mcfg.max_position_embeddings:
@@ -162,7 +162,7 @@ def generate(cfg, items: list[dict], cache_path: Path) -> list[str]:
             done.update({key(todo[i]): o for i, o in batch.items()})
             files.write_json(cache_path, dict(settings=settings, responses=done))
 
-        decode.generate_prompts(decoder, tokenizer, list(encoded.values()), max_new_tokens=d.max_new_tokens,
+        serving.generate_prompts(decoder, tokenizer, list(encoded.values()), max_new_tokens=d.max_new_tokens,
                                 rules=tables, batch_size=d.batch_size, bucket=d.bucket, on_batch=keep)
     return [done[key(x["prompt"])] for x in items]
 
