@@ -4,6 +4,7 @@ transformers LogitsProcessor (the baseline's equivalent of the adapter fused int
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import time
 
@@ -79,3 +80,13 @@ def with_threads(torch, n: int | None, fn):
         finally:
             torch.set_num_threads(threads)
     return run
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """The median wall time of `repeats` calls of `fn`."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -1,6 +1,6 @@
 """Prefill throughput: this model vs transformers on SmolLM2-135M, same prompts, one process.
 
-    .venv/bin/python benchmarks/forward.py [--batch 8] [--seq 256] [--repeats 5]
+    .venv/bin/python -m benchmarks.forward [--config.batch=8] [--config.seq=256]   # --help: the settings
 
 Prints tokens/s for both and the ratio. Timings are medians over repeats after a warm-up (the JAX
 warm-up includes compilation, which is reported separately).
@@ -8,37 +8,24 @@ warm-up includes compilation, which is reported separately).
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import torch
-from transformers import AutoModelForCausalLM
+from ml_collections import ConfigDict
 
-from jax_implicit import convert, pretrained
-from jax_implicit import model as M
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.common import median_seconds
+from jax_implicit import cli
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--checkpoints", default="checkpoints")
-    args = ap.parse_args()
+def run(args: ConfigDict) -> None:
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jax_implicit import convert, pretrained
+    from jax_implicit import model as M
 
     path = pretrained.ensure_smollm2(args.checkpoints)
     rng = np.random.default_rng(0)
@@ -69,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(run, "configs/bench/forward.py")

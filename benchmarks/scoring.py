@@ -1,6 +1,6 @@
 """Scoring throughput: ranking's sequences packed by length vs one full forward pass, SmolLM2-135M.
 
-    .venv/bin/python benchmarks/scoring.py [--n 40] [--k 5] [--max-len 512] [--batch-tokens 4096]
+    .venv/bin/python -m benchmarks.scoring [--config.n=40] [--config.k=5] [--config.batch_tokens=4096]
 
 Scores the ranking sequences of the first `n` dolly examples (each with its own and `k` random responses)
 and prints real tokens per second, the padding, the number of shapes, and the tokens per second of the
@@ -10,30 +10,24 @@ medians over repeats after a warm-up that compiles every shape (its time is repo
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from forward import median_seconds  # benchmarks/forward.py, beside this script
-from transformers import AutoTokenizer
+from ml_collections import ConfigDict
 
-from jax_implicit import convert, pretrained
-from jax_implicit import model as M
-from jax_implicit.evaluate import ranking, scoring
+from benchmarks.common import median_seconds
+from jax_implicit import cli
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=40)
-    ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--checkpoints", default="checkpoints")
-    args = ap.parse_args()
+def run(args: ConfigDict) -> None:
+    import jax
+    import jax.numpy as jnp
+    from transformers import AutoTokenizer
+
+    from jax_implicit import convert, pretrained
+    from jax_implicit import model as M
+    from jax_implicit.evaluate import ranking, scoring
 
     path = pretrained.ensure_smollm2(args.checkpoints)
     tok, decoder = AutoTokenizer.from_pretrained(path), convert.load_hf(path)
@@ -66,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(run, "configs/bench/scoring.py")

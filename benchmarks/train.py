@@ -2,32 +2,30 @@
 
 SmolLM2-135M in float32, batch 4 x 256 tokens (every token trained on), same weights on both sides.
 Reports tokens/s, the ratio, and achieved GFLOP/s (6 x parameters x tokens / time) against a measured
-float32 matmul peak. With `--variants full,lora,qlora` it also times LoRA (RT's rank 64, alpha 16, all
+float32 matmul peak. With `--config.variants=full,lora,qlora` it also times LoRA (RT's rank 64, alpha 16, all
 seven projections) and QLoRA (NF4 base) steps against transformers + peft (QLoRA there with bitsandbytes'
 4-bit layers), and prints each variant's ratio to full finetuning and the bytes its weights and Adam
 state take. Run from the repository root:
 
-    .venv/bin/python benchmarks/train.py [--steps 3] [--batch 4] [--seq 256] [--variants full,lora,qlora]
+    .venv/bin/python -m benchmarks.train [--config.steps=3] [--config.variants=full,lora,qlora]   # --help: the settings
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
+from ml_collections import ConfigDict
 
-from jax_implicit import convert, lora, pretrained, train_step
-from jax_implicit import model as M
+from jax_implicit import cli
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -52,12 +50,20 @@ RT_LORA = dict(rank=64, alpha=16.0, dropout=0.0)
 
 
 def _bytes(tree) -> int:
+    import jax
+
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def jax_step(path, tokens: np.ndarray, variant: str = "full"):
     """A compiled optimizer step of the training loop (one micro-batch = the whole batch), and the bytes of
     its weights and optimizer state."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from jax_implicit import convert, lora, train_step
+
     decoder = convert.load_hf(path)
     graphdef, params = nnx.split(decoder)
     params, frozen = nnx.to_pure_dict(params), {}
@@ -87,6 +93,8 @@ def jax_step(path, tokens: np.ndarray, variant: str = "full"):
 def torch_step(path, tokens: np.ndarray, variant: str = "full"):
     import torch
     from transformers import AutoModelForCausalLM
+
+    from jax_implicit import lora
 
     kw = {}
     if variant == "qlora":
@@ -119,16 +127,16 @@ def torch_step(path, tokens: np.ndarray, variant: str = "full"):
     return step, sum(t.numel() * t.element_size() for t in tensors + moments)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--variants", default="full", help="comma-separated: full, lora, qlora")
-    args = ap.parse_args()
-    variants = args.variants.split(",")
+def run(args: ConfigDict) -> None:
+    import jax
+    from flax import nnx
+
+    from jax_implicit import model as M
+    from jax_implicit import pretrained
+
+    variants = list(args.variants)
     if bad := set(variants) - {"full", "lora", "qlora"}:
-        ap.error(f"--variants: unknown {sorted(bad)}")
+        raise ValueError(f"--config.variants: unknown {sorted(bad)}; expected any of full, lora, qlora")
     path = pretrained.ensure_smollm2("checkpoints")
     cfg = M.from_hf_config(path)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(M.abstract(cfg))))
@@ -175,4 +183,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(run, "configs/bench/train.py")

@@ -152,8 +152,9 @@ def train_step(cfg: M.ModelConfig, sh: Sharder, micro_batch: int, seq: int, avai
 
 
 def decode_program(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int, prompt: int, available: int) -> Compiled:
-    """Compile `decode._generate_jit`: a (batch, prompt) prefill and greedy decoding into `slots` cache slots."""
-    decoder = M.abstract(cfg)
+    """Compile `decode._generate_jit`: a (batch, prompt) prefill and greedy decoding into `slots` cache slots,
+    with the weights held as decoding holds them (one buffer per layer)."""
+    decoder = M.abstract(cfg, unstacked=True)
     graphdef, state = nnx.split(decoder)
     shardings = sh.tree(state, M.logical_axes(decoder))
     state = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), state, shardings)

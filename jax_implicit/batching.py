@@ -128,11 +128,19 @@ class Prompt(Protocol):
     seen_from: int  # first token the diversity rule counts
 
 
+def prompt_width(n: int, bucket: int) -> int:
+    """The padded width of a prompt of `n` tokens: the padded lengths from `bucket` up (no cap)."""
+    return next(r for r in _rungs(bucket) if r >= n)
+
+
 def pad_prompts(batch: Sequence[Prompt], rows: int, bucket: int, pad_id: int) -> tuple[np.ndarray, ...]:
-    """(ids, mask, seen) of prompts left-padded to a padded length from `bucket` up and to `rows` rows;
-    dummy rows repeat the first prompt, since every row must end in a real token."""
-    longest = max(len(p.ids) for p in batch)
-    width = next(r for r in _rungs(bucket) if r >= longest)
+    """(ids, mask, seen) of prompts left-padded to `prompt_width` of the longest and to `rows` rows."""
+    return left_pad(batch, rows, prompt_width(max(len(p.ids) for p in batch), bucket), pad_id)
+
+
+def left_pad(batch: Sequence[Prompt], rows: int, width: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    """(ids, mask, seen) of prompts left-padded to `width` columns and `rows` rows; dummy rows repeat the
+    first prompt, since every row must end in a real token."""
     prompts = [batch[r] if r < len(batch) else batch[0] for r in range(rows)]
     return (pad([p.ids for p in prompts], rows, width, left=True, fill=pad_id),
             pad(real(len(p.ids) for p in prompts), rows, width, left=True, dtype=bool),

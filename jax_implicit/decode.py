@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from typing import Callable, Sequence
 
 import jax
@@ -56,8 +55,8 @@ def _prefill(decoder: M.Decoder, cache: M.KVCache, row: jax.Array | int, ids: ja
     n, width = ids.shape
     small = M.KVCache.init(decoder.cfg, n, width - 1)
     if width > 1:
-        _, small = decoder(ids[:, :-1], positions[:, :-1], mask[:, :-1], small, keys=width - 1)
-    k, v = (jax.lax.dynamic_update_slice(big, new, (0, row, 0, 0, 0)) for big, new in
+        _, small = decoder(ids[:, :-1], positions[:, :-1], mask[:, :-1], small)
+    k, v = (tuple(jax.lax.dynamic_update_slice(b, s, (row, 0, 0, 0)) for b, s in zip(big, new)) for big, new in
             ((cache.k, small.k), (cache.v, small.v)))
     valid = jnp.zeros((n, cache.slots), bool).at[:, :width - 1].set(small.valid)
     valid = jax.lax.dynamic_update_slice(cache.valid, valid, (row, 0))
@@ -74,17 +73,18 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
     vocab = decoder.cfg.vocab_size
     pad = decoder.cfg.pad_token_id if decoder.cfg.pad_token_id is not None else 0
     positions = M.positions_from_mask(prompt_mask)
-    cache = _prefill(decoder, cache, 0, prompt_ids, positions, prompt_mask)
+    lengths, full = attended_lengths(width, cache.slots), cache
+    buffer = lambda slots: full if slots == full.slots else M.KVCache.init(decoder.cfg, batch, slots)  # per segment
+    cache = _prefill(decoder, buffer(lengths[0]), 0, prompt_ids, positions, prompt_mask)
     rows = jnp.arange(batch)
     seen = None  # (batch, vocab) bool: ids seen since the end of the user tag, for the diversity rule
     if tables is not None:
         seen = jnp.zeros((batch, vocab), bool).at[rows[:, None], jnp.where(seen_mask, prompt_ids, vocab)].set(
             True, mode="drop")
 
-    def step(state, keys):
+    def step(state):
         i, token, cache, out, length, done, seen = state
-        logits, cache = decoder(token[:, None], (positions[:, -1] + i)[:, None], jnp.ones((batch, 1), bool), cache,
-                                keys=keys)
+        logits, cache = decoder(token[:, None], (positions[:, -1] + i)[:, None], jnp.ones((batch, 1), bool), cache)
         scores = _scores(logits[:, 0], i, seen, tables)
         nxt = jnp.where(done, pad, _pick(scores, i, temperature, top_p, key))
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
@@ -94,22 +94,32 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
             seen = seen.at[rows, nxt].set(True)
         return i + 1, nxt, cache, out, length, done, seen
 
-    def going(state, keys):  # a segment ends when the next step would write slot `keys`
-        return (state[0] < max_new_tokens) & ~jnp.all(state[5]) & (state[2].index < keys)
+    def going(state):  # a segment ends when its cache is full
+        return (state[0] < max_new_tokens) & ~jnp.all(state[5]) & (state[2].index < state[2].slots)
 
     state = (jnp.int32(0), prompt_ids[:, -1], cache, jnp.full((batch, max_new_tokens), pad, jnp.int32),
              jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), seen)
-    for keys in attended_lengths(width, cache.slots):
-        state = jax.lax.while_loop(functools.partial(going, keys=keys), functools.partial(step, keys=keys), state)
+    for j, slots in enumerate(lengths):
+        if j:  # the next segment's cache: the donated one for the last
+            state = (*state[:2], _grow(state[2], buffer(slots)), *state[3:])
+        state = jax.lax.while_loop(going, step, state)
     _, _, cache, out, length, _, _ = state
     return out, length, cache  # returning the donated cache lets XLA update it in place
 
 
+def _grow(cache: M.KVCache, bigger: M.KVCache) -> M.KVCache:
+    """`cache`'s contents at the front of the empty, larger cache `bigger`."""
+    put = lambda big, small: jax.lax.dynamic_update_slice(big, small, (0,) * big.ndim)
+    return M.KVCache(tuple(map(put, bigger.k, cache.k)), tuple(map(put, bigger.v, cache.v)),
+                     put(bigger.valid, cache.valid), cache.index)
+
+
 def attended_lengths(width: int, slots: int, first: int = 128) -> list[int]:
-    """The static key counts of the decoding loop's segments: doubling from `first` (or the prompt width)
-    up to all `slots`. A step attends only to the slots its segment may have filled, so the cache read per
-    step grows with the response instead of always covering `slots`; each segment compiles its own step,
-    so the segments double in length to keep their number small."""
+    """The cache sizes of the decoding loop's segments: doubling from `first` (or the prompt width) up to all
+    `slots`. A step attends to every slot of its segment's cache, so the cache read per step grows with the
+    response instead of always covering `slots`, and is read whole (a prefix of a larger cache would be
+    copied out at every layer of every step on XLA:CPU). Each segment compiles its own step and copies the
+    cache once into the next, so the segments double in length to keep their number small."""
     lengths = [min(max(first, width), slots)]
     while lengths[-1] < slots:
         lengths.append(min(2 * lengths[-1], slots))
@@ -289,7 +299,7 @@ def generate(decoder: M.Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int
         raise ValueError(f"cache has {cache.slots} slots; this batch needs {slots}")
     rows = _global_rows(cache) if jax.process_count() > 1 else jnp.asarray
     tokens, lengths, _ = _generate_jit(
-        decoder, rows(ids.astype(np.int32)), rows(mask), rows(seen), cache, rules,
+        M.unstack(decoder), rows(ids.astype(np.int32)), rows(mask), rows(seen), cache, rules,
         jnp.asarray(list(eos_ids), jnp.int32).reshape(-1), jnp.float32(temperature), jnp.float32(top_p),
         key if temperature > 0 else None, max_new_tokens=max_new_tokens)
     if jax.process_count() > 1:  # every process gets every row back
@@ -302,7 +312,7 @@ def generate(decoder: M.Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int
 def _global_rows(cache: M.KVCache) -> Callable[[np.ndarray], jax.Array]:
     """Multi-host: a (batch, ...) host array that every process holds whole, as a global array split by rows
     like the cache's batch axis."""
-    spec = cache.k.sharding.spec
-    sharding = jax.sharding.NamedSharding(cache.k.sharding.mesh,
-                                          jax.sharding.PartitionSpec(spec[1] if len(spec) > 1 else None))
+    spec = cache.k[0].sharding.spec
+    sharding = jax.sharding.NamedSharding(cache.k[0].sharding.mesh,
+                                          jax.sharding.PartitionSpec(spec[0] if len(spec) else None))
     return lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

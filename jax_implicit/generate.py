@@ -70,7 +70,7 @@ def run(cfg: ConfigDict, devices: list | None = None) -> Path:
     with lock, pinning.active(sh):  # the writer's lock also proves the folder writable, before the model loads
         keep = partial.Partial(partial.path_for(output), dict(config=json.loads(cfg.to_json_best_effort()),
                                                               rows=rows, weights=partial.stamp(path)))
-        decoder = pretrained.load(cfg.model, sh, path)
+        decoder = model.unstack(pretrained.load(cfg.model, sh, path))  # held as decoding holds it, once
         tables = rules.build(cfg.rules, tokenizer, mcfg.vocab_size, tokenizer.eos_token_id) if cfg.use_rules else None
 
         bar = tqdm(unit="tok", desc=generator, disable=not distributed.is_writer())

@@ -4,13 +4,15 @@ Why NNX rather than Linen: parameters are plain `nnx.Param` arrays that carry th
 axes as metadata, declared once in `Decoder.__init__`; `nnx.split` turns the model into a
 (graphdef, state) pair, so the train and decode steps are pure jitted functions over a pytree
 that orbax saves and `jax.jit` shards directly. Layers are stacked on a leading `layers` axis
-and run under `jax.lax.scan`, so compile time does not grow with depth.
+and run under `jax.lax.scan`, so compile time does not grow with depth. Decoding runs the layers as a
+Python loop over a KV cache with one buffer per layer, and `unstack` gives each layer's weights a buffer of
+its own for it (MaxText's `scan_layers=False` for inference).
 
 Numerics follow transformers' PyTorch classes: RMSNorm and the non-parametric LayerNorm in
 float32, RoPE in HF's rotate-half layout (no q/k permutation on import), softmax in float32.
 Gemma 3 is a set of config switches on the same decoder (norm kind, activation, q/k norms,
 post-norms, embedding scale); its per-layer differences (sliding-window vs global attention, two
-RoPE bases) are a flag array scanned alongside the stacked weights, not Python branches per layer.
+RoPE bases) are a flag array indexed by layer, not Python branches per layer.
 """
 
 from __future__ import annotations
@@ -58,6 +60,25 @@ class Layers(nnx.Module):
     def weights(self) -> dict[str, jax.Array]:
         return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
+    def each(self) -> list[dict[str, jax.Array]]:
+        """Layer i's weights for i in order: slices of the stacks."""
+        w = self.weights()
+        return [{k: v[i] for k, v in w.items()} for i in range(self.wq.shape[0])]
+
+
+class LayerList(nnx.Module):
+    """`Layers`' weights with one buffer per layer (`unstack`), for decoding. A layer read out of the stacks
+    inside the decoding loop is a copy on XLA:CPU (about 40% of a batch-16 SmolLM2 step went to these
+    copies); a layer's own buffer is read in place."""
+
+    def __init__(self, layers: Layers):
+        stacked = {k: v for k, v in vars(layers).items() if isinstance(v, nnx.Param)}
+        self.layers = nnx.List([nnx.Dict({k: nnx.Param(_layer_of(v[...], i), axes=v.get_metadata()["axes"][1:])
+                                          for k, v in stacked.items()}) for i in range(layers.wq.shape[0])])
+
+    def each(self) -> list[dict[str, jax.Array]]:
+        return [{k: v[...] for k, v in layer.items()} for layer in self.layers]
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -67,32 +88,31 @@ class KVCache:
     rows hold different prompts at different stages). `valid` marks slots that hold real tokens, so padding
     and a previous occupant's stale slots are never attended.
 
-    Keys and values are stored (kv_heads, slots, head_dim) per row: the layout the attention dots read
-    directly, so a decoding step never transposes the cache."""
+    Keys and values are stored (kv_heads, slots, head_dim) per row, the layout the attention dots read
+    directly, so a decoding step never transposes the cache; and one buffer per layer, since a layer's slice
+    of a stacked cache is copied out at every step on XLA:CPU when the layers are not scanned."""
 
-    k: jax.Array  # (layers, batch, kv_heads, max_len, head_dim)
-    v: jax.Array
+    k: tuple[jax.Array, ...]  # per layer (batch, kv_heads, max_len, head_dim)
+    v: tuple[jax.Array, ...]
     valid: jax.Array  # (batch, max_len) bool
     index: jax.Array  # () or (batch,) int32: next slot to write
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, per_row: bool = False) -> "KVCache":
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        dt = DTYPES[cfg.dtype]
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, DTYPES[cfg.dtype]) for _ in range(cfg.num_layers))
         index = jnp.zeros(batch if per_row else (), jnp.int32)
-        return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), bool), index)
+        return cls(zeros, tuple(jnp.zeros_like(z) for z in zeros), jnp.zeros((batch, max_len), bool), index)
 
     @property
     def slots(self) -> int:
-        return self.k.shape[3]
+        return self.valid.shape[1]
 
-    AXES = {"k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
-            "v": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
-            "valid": ("batch", "cache_seq"), "index": ()}
-
-    def logical_axes(self) -> dict[str, tuple[str, ...]]:
-        """`AXES` for this cache: a per-row `index` lies along the batch."""
-        return self.AXES | {"index": ("batch",) * len(jnp.shape(self.index))}
+    def logical_axes(self) -> "KVCache":
+        """Each array's logical axes, shaped like the cache: a per-row `index` lies along the batch."""
+        kv = ("batch", "kv_heads", "cache_seq", "head_dim")
+        return KVCache((kv,) * len(self.k), (kv,) * len(self.v), ("batch", "cache_seq"),
+                       ("batch",) * len(jnp.shape(self.index)))
 
 
 class Decoder(nnx.Module):
@@ -108,9 +128,9 @@ class Decoder(nnx.Module):
             self.lm_head = nnx.Param(jax.random.normal(rngs.params(), (V, D), pdt) / math.sqrt(D), axes=("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
-                 dropout_key: jax.Array | None = None, keys: int | None = None) -> tuple[jax.Array, KVCache | None]:
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Logits (float32) for `tokens` (batch, seq): `hidden` then the output embedding."""
-        x, cache = self.hidden(tokens, positions, mask, cache, dropout_key, keys)
+        x, cache = self.hidden(tokens, positions, mask, cache, dropout_key)
         dt = DTYPES[self.cfg.dtype]
         logits = jnp.einsum("btd,vd->btv", x, self.head()[...].astype(dt), preferred_element_type=jnp.float32)
         return pinning.constrain(logits, ("batch", "seq", "vocab")), cache
@@ -120,7 +140,7 @@ class Decoder(nnx.Module):
         return self.embed if self.cfg.tie_word_embeddings else self.lm_head
 
     def hidden(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
-               dropout_key: jax.Array | None = None, keys: int | None = None) -> tuple[jax.Array, KVCache | None]:
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """The final-norm outputs (batch, seq, embed) in the compute dtype, before the output embedding
         (so a loss can apply the head in chunks: `memory.cross_entropy_sum`).
 
@@ -130,8 +150,6 @@ class Decoder(nnx.Module):
         Sliding-window layers also drop keys `sliding_window` or more slots back: within a row, real
         tokens fill consecutive slots, so slot distance is position distance.
         `dropout_key` turns on LoRA dropout (training); without it the forward is deterministic.
-        `keys` (static) limits attention to the first `keys` cache slots: the caller knows no token
-        beyond them is written yet, so each step reads only the filled part of the cache.
         """
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
@@ -144,7 +162,7 @@ class Decoder(nnx.Module):
             key_valid, q_slot = mask, jnp.arange(seq)
         else:
             valid = _write_slots(cache.valid, mask, cache.index)
-            key_valid, q_slot = valid[:, :keys], cache.index[..., None] + jnp.arange(seq)  # (T,) or per row (B, T)
+            key_valid, q_slot = valid, cache.index[..., None] + jnp.arange(seq)  # (T,) or per row (B, T)
         q_slot = jnp.broadcast_to(q_slot, tokens.shape)
         k_slot = jnp.arange(key_valid.shape[1])
         attend = (k_slot[None, None, :] <= q_slot[:, :, None]) & key_valid[:, None, :]  # (B, T, S)
@@ -152,24 +170,29 @@ class Decoder(nnx.Module):
         tables = [rope_tables(positions, cfg.head_dim, theta, dt) for theta in cfg.rope_bases]
         cos, sin = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])  # (bases, B, T, Dh)
 
-        def layer(carry, xs):
-            x, kv = carry  # the whole cache rides in the carry, so XLA updates it in place (no copy per step)
-            w, sliding, i = xs  # sliding: this layer's flag, scanned with its weights
-            rope = sliding.astype(jnp.int32) * (len(tables) - 1)  # the local base if there is one
-            x, kv = _block(cfg, w, x, cos[rope], sin[rope], jnp.where(sliding, attend & near, attend), kv,
-                           None if cache is None else (i, cache.index, keys))
-            return (pinning.constrain(x, ("batch", "seq", None)), kv), None
-
-        kv_in = None if cache is None else (cache.k, cache.v)
         sliding = jnp.asarray(cfg.sliding_layers)
-        weights = self.layers.weights()
-        if dropout_key is not None:
-            weights["lora_key"] = jax.random.split(dropout_key, cfg.num_layers)
-        layers = (weights, sliding, jnp.arange(cfg.num_layers))
-        (x, kv_out), _ = jax.lax.scan(memory.remat(layer, cfg.remat), (x, kv_in), layers)
+
+        def layer(x, w, i, kv):
+            rope = sliding[i].astype(jnp.int32) * (len(tables) - 1)  # the local base if there is one
+            x, kv = _block(cfg, w, x, cos[rope], sin[rope], jnp.where(sliding[i], attend & near, attend), kv,
+                           None if cache is None else cache.index)
+            return pinning.constrain(x, ("batch", "seq", None)), kv
+
+        layer = memory.remat(layer, cfg.remat)
+        dropout = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+        if cache is None and isinstance(self.layers, Layers):  # training and scoring: one scanned layer
+            weights = self.layers.weights() | ({} if dropout is None else {"lora_key": dropout})
+            x, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs, None)[0], None), x,
+                                (weights, jnp.arange(cfg.num_layers)))
+        else:  # decoding: each layer reads and writes its own cache buffer
+            kv_out = []
+            for i, w in enumerate(self.layers.each()):
+                w = w if dropout is None else w | {"lora_key": dropout[i]}
+                x, kv = layer(x, w, i, None if cache is None else (cache.k[i], cache.v[i]))
+                kv_out.append(kv)
+            if cache is not None:
+                cache = KVCache(*(tuple(c) for c in zip(*kv_out)), valid, cache.index + seq)
         x = _norm(cfg, x, self.final_norm[...] if cfg.norm != "layernorm" else None)
-        if cache is not None:
-            cache = KVCache(kv_out[0], kv_out[1], valid, cache.index + seq)
         return x.astype(dt), cache
 
 
@@ -218,10 +241,9 @@ def _block(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin, attend, kv, index)
     scalar = cfg.query_pre_attn_scalar or cfg.head_dim
     if kv is None:
         attn = _attention(q, k, v, attend, scalar)
-    else:  # kv: every layer's cache (L, B, K, S, Dh); index: (this layer, first slot(s) to write, slots read)
-        layer, slot, keys = index
-        kv = tuple(_write_layer(c, new, layer, slot) for c, new in zip(kv, (k, v)))
-        attn = _cached_attention(q, kv[0][layer, :, :, :keys], kv[1][layer, :, :, :keys], attend, scalar)
+    else:  # kv: this layer's cache (B, K, S, Dh) for keys and values; index: the first slot(s) to write
+        kv = tuple(_write_layer(c, new, index) for c, new in zip(kv, (k, v)))
+        attn = _cached_attention(q, *kv, attend, scalar)
     post = (lambda y, name: _norm(cfg, y, w[name])) if cfg.post_norms else (lambda y, name: y)
     x = x + post(project(cfg, w, "wo", attn), "attn_post_norm")
     h = _norm(cfg, x, w.get("mlp_norm"))
@@ -265,13 +287,34 @@ def _write_slots(valid: jax.Array, new: jax.Array, index: jax.Array) -> jax.Arra
     return valid.at[jnp.arange(new.shape[0])[:, None], slots].set(new, unique_indices=True, mode="drop")
 
 
-def _write_layer(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
-    """New keys or values `new` (B, T, K, Dh) into one layer of the stacked cache (L, B, K, S, Dh)."""
+def _write_layer(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """New keys or values `new` (B, T, K, Dh) into one layer's cache (B, K, S, Dh)."""
     if index.ndim == 0:
-        return jax.lax.dynamic_update_slice(cache, new.transpose(0, 2, 1, 3)[None], (layer, 0, 0, index, 0))
+        return jax.lax.dynamic_update_slice(cache, new.transpose(0, 2, 1, 3), (0, 0, index, 0))
     B, T = new.shape[:2]
     slots = index[:, None] + jnp.arange(T)  # (B, T); the indexed axes lead the update: (B, T, K, Dh)
-    return cache.at[layer, jnp.arange(B)[:, None], :, slots].set(new, unique_indices=True, mode="drop")
+    return cache.at[jnp.arange(B)[:, None], :, slots].set(new, unique_indices=True, mode="drop")
+
+
+def _layer_of(stacked: jax.Array, i: int) -> jax.Array:
+    """Layer i of a stacked weight as a buffer of its own, sharded as the stack is over its other axes."""
+    sharding = getattr(stacked, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.device_put(stacked[i], jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+            *tuple(sharding.spec)[1:])))
+    return stacked[i]
+
+
+def unstack(decoder: "Decoder") -> "Decoder":
+    """`decoder` with one buffer per layer (`LayerList`), sharing its other weights; as is if already so. Decoding
+    calls it; a caller that decodes often unstacks once and drops the stacked decoder (they hold the weights
+    twice until then)."""
+    if isinstance(decoder.layers, LayerList):
+        return decoder
+    graph, state = nnx.split(decoder)
+    out = nnx.merge(graph, state)
+    out.layers = LayerList(decoder.layers)
+    return out
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -283,9 +326,11 @@ def init(cfg: ModelConfig, seed: int = 0) -> Decoder:
     return Decoder(cfg, rngs=nnx.Rngs(seed))
 
 
-def abstract(cfg: ModelConfig) -> Decoder:
-    """The model with `ShapeDtypeStruct` leaves: shapes and axes without allocating weights."""
-    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+def abstract(cfg: ModelConfig, unstacked: bool = False) -> Decoder:
+    """The model with `ShapeDtypeStruct` leaves: shapes and axes without allocating weights (as decoding
+    holds them with `unstacked`)."""
+    make = lambda: Decoder(cfg, rngs=nnx.Rngs(0))
+    return nnx.eval_shape((lambda: unstack(make())) if unstacked else make)
 
 
 def logical_axes(model: Decoder) -> dict:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from jax_implicit import decode, prompts
+from jax_implicit import batching, decode, prompts
 from jax_implicit import model as M
 from jax_implicit import rules as R
 
@@ -49,22 +49,6 @@ def check_fit(encoded: Sequence[Prompt], max_new_tokens: int, context: int, what
         if len(p.ids) + max_new_tokens > context:
             raise ValueError(f"{what} {k} is {len(p.ids)} tokens; with max_new_tokens={max_new_tokens} it "
                              f"exceeds the context of {context} positions")
-
-
-def pad_batch(batch: Sequence[Prompt], rows: int, bucket: int, pad_id: int) -> tuple[np.ndarray, ...]:
-    """Left-pad to a multiple of `bucket` columns and `rows` rows (dummy rows repeat the first prompt)
-    so that a whole dataset compiles to a few shapes."""
-    width = -(-max(len(p.ids) for p in batch) // bucket) * bucket
-    ids = np.full((rows, width), pad_id, np.int32)
-    mask = np.zeros((rows, width), bool)
-    seen = np.zeros((rows, width), bool)
-    for r in range(rows):
-        p = batch[r] if r < len(batch) else batch[0]
-        n = len(p.ids)
-        ids[r, width - n:] = p.ids
-        mask[r, width - n:] = True
-        seen[r, width - n + p.seen_from:] = True
-    return ids, mask, seen
 
 
 def eos_ids_for(cfg: M.ModelConfig, tokenizer) -> tuple[int, ...]:
@@ -130,21 +114,21 @@ def serve(decoder: M.Decoder, prompts: Mapping[int, Prompt], eos: Sequence[int],
           rules: R.RuleTables | None = None, batch_size: int = 16, bucket: int = 64, temperature: float = 0.0,
           top_p: float = 1.0, seed: int = 0, sharder=None, on_tokens: Callable[[int], None] | None = None
           ) -> Iterator[dict[int, list[int]]]:
-    """Continuous batching of `prompts` {instruction index: prompt}: they are grouped by width (a multiple of
-    `bucket`, so few shapes compile) and each group is decoded in `batch_size` slots by `_serve`, a finished
+    """Continuous batching of `prompts` {instruction index: prompt}: they are grouped by padded width
+    (`batching.prompt_width` from `bucket` up, so few shapes compile) and each group is decoded in `batch_size` slots by `_serve`, a finished
     response's slot taking the next prompt at once, at most `QUEUED_PER_SLOT * batch_size` prompts per call so
     that finished work comes back (and is kept) as it goes. Yields {index: response ids, EOS dropped} per call;
     `on_tokens(n)` is called after every decoding step with the tokens it produced."""
-    cfg = decoder.cfg
+    cfg, decoder = decoder.cfg, M.unstack(decoder)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
     groups: dict[int, list[int]] = {}
     for k in sorted(prompts, key=lambda k: len(prompts[k].ids)):
-        groups.setdefault(-(-len(prompts[k].ids) // bucket), []).append(k)
+        groups.setdefault(batching.prompt_width(len(prompts[k].ids), bucket), []).append(k)
     slots = min(batch_size, len(prompts))
     chunk = QUEUED_PER_SLOT * slots
     for group in (g[i:i + chunk] for g in groups.values() for i in range(0, len(g), chunk)):
         queue = 1 << (len(group) - 1).bit_length()  # queue rows: a power of two, for few compiled shapes
-        ids, mask, seen = pad_batch([prompts[k] for k in group], queue, bucket, pad_id)
+        ids, mask, seen = batching.pad_prompts([prompts[k] for k in group], queue, bucket, pad_id)
         order = np.array(group + [0] * (queue - len(group)), np.int32)
         shape = (slots, ids.shape[1] - 1 + max_new_tokens)
         cache = (M.KVCache.init(cfg, *shape, per_row=True) if sharder is None

@@ -211,7 +211,8 @@ class Sharder:
 
     def cache(self, cache: M.KVCache) -> M.KVCache:
         """A KVCache of shardings (from `KVCache.logical_axes`): rows like the batch, KV heads like the parameters."""
-        return M.KVCache(**{f: self.named(axes, np.shape(getattr(cache, f))) for f, axes in cache.logical_axes().items()})
+        is_axes = lambda a: isinstance(a, tuple) and all(isinstance(n, str) for n in a)
+        return jax.tree.map(lambda axes, x: self.named(axes, np.shape(x)), cache.logical_axes(), cache, is_leaf=is_axes)
 
     def put(self, tree: Any, shardings: Any) -> Any:
         return jax.device_put(tree, shardings)

@@ -28,12 +28,23 @@ COMMANDS = {
     "evaluate.safety": ("", "--config.decode.max_new_tokens=512", "decode.max_new_token", "decode.max_new_tokens"),
     "safety_demo": ("", "--config.limit=6", "limt", "limit"),
     "export": ("", "--config.step=0", "stpe", "step"),
+    "benchmarks.decode": ("", "--config.new_tokens=128", "new_token", "new_tokens"),
+    "benchmarks.generate": ("", "--config.hf_batch_sizes=(8, 16)", "hf_batch_size", "hf_batch_sizes"),
+    "benchmarks.forward": ("", "--config.seq=256", "repeat", "repeats"),
+    "benchmarks.scoring": ("", "--config.batch_tokens=4096", "batch_token", "batch_tokens"),
+    "benchmarks.train": ("", "--config.variants=('full',)", "step", "steps"),
+    "benchmarks.hlo_copies": ("", "--config.slots=640", "slot", "slots"),
 }
+
+
+def module(name: str) -> str:
+    """A command's module: the benchmarks are `benchmarks.X`, the rest `jax_implicit.X`."""
+    return name if name.startswith("benchmarks.") else f"jax_implicit.{name}"
 
 
 def command(name: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", f"jax_implicit.{name}", *[a for a in args if a]], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", module(name), *[a for a in args if a]], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -42,11 +53,11 @@ def test_help_and_a_misspelled_setting(name):
     config, listed, typo, close = COMMANDS[name]
     shown = command(name, config, "--help")
     assert shown.returncode == 0, shown.stderr
-    assert f"usage: python -m jax_implicit.{name}" in shown.stdout and listed in shown.stdout
+    assert f"usage: python -m {module(name)}" in shown.stdout and listed in shown.stdout
     wrong = command(name, config, f"--config.{typo}=1")
     assert wrong.returncode == 2 and wrong.stdout == ""
     assert wrong.stderr.count("\n") == 1 and "Traceback" not in wrong.stderr
-    assert f"jax_implicit.{name}: error: unknown setting '{typo}'" in wrong.stderr and close in wrong.stderr
+    assert f"{module(name)}: error: unknown setting '{typo}'" in wrong.stderr and close in wrong.stderr
 
 
 def test_wrong_type_stray_argument_and_bad_config_argument():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from jax_implicit import convert, decode, serving
+from jax_implicit import batching, convert, decode, serving
 from jax_implicit import rules as R
 
 NEW = 12
@@ -26,7 +26,7 @@ def tiny(tiny_smol_dir):
 
 def alone(dec, prompt, eos, tables, **kw):
     """One prompt decoded by itself (batch 1, the static-batch decoder), as token ids without the EOS."""
-    ids, mask, seen = serving.pad_batch([prompt], 1, 16, dec.cfg.pad_token_id)
+    ids, mask, seen = batching.pad_prompts([prompt], 1, 16, dec.cfg.pad_token_id)
     tokens, lengths = decode.generate(dec, ids, mask, seen_mask=seen, max_new_tokens=NEW, rules=tables,
                                       eos_ids=eos, **kw)
     row = np.asarray(tokens)[0, :int(lengths[0])].tolist()

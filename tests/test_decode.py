@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jax_implicit import convert, decode, generate, serving
+from jax_implicit import batching, convert, decode, generate, serving
 from jax_implicit import rules as R
 
 NEW = 16
@@ -101,7 +101,7 @@ def rows_of(tokens, lengths):
 def batched(smol):
     """All ten prompts in one left-padded batch, for every rule config (one compilation for all four)."""
     tok, dec, encoded, eos = smol
-    ids, mask, seen = serving.pad_batch(encoded, len(encoded), 64, dec.cfg.pad_token_id)
+    ids, mask, seen = batching.pad_prompts(encoded, len(encoded), 64, dec.cfg.pad_token_id)
     assert len(set(mask.sum(1))) > 5  # really mixed lengths
     return {name: rows_of(*decode.generate(dec, ids, mask, seen_mask=seen, max_new_tokens=NEW,
                                            rules=tables_for(tok, name), eos_ids=eos))
@@ -141,7 +141,7 @@ def test_batched_equals_batch_one(smol, batched):
     tok, dec, encoded, eos = smol
     tables = tables_for(tok, "all")
     for r, p in enumerate(encoded):
-        ids, mask, seen = serving.pad_batch([p], 1, 64, dec.cfg.pad_token_id)
+        ids, mask, seen = batching.pad_prompts([p], 1, 64, dec.cfg.pad_token_id)
         alone = rows_of(*decode.generate(dec, ids, mask, seen_mask=seen, max_new_tokens=NEW, rules=tables,
                                          eos_ids=eos))
         assert alone[0] == batched["all"][r], f"row {ROWS[r]}"
@@ -154,7 +154,7 @@ def test_batched_equals_batch_one(smol, batched):
 def tiny(tiny_smol_dir):
     tok = AutoTokenizer.from_pretrained(tiny_smol_dir)
     dec = convert.load_hf(tiny_smol_dir)
-    ids, mask, seen = serving.pad_batch([serving.encode(tok, s) for s in TINY_PROMPTS], 3, 16, 2)
+    ids, mask, seen = batching.pad_prompts([serving.encode(tok, s) for s in TINY_PROMPTS], 3, 16, 2)
     return tok, dec, ids, mask, seen
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from jax_implicit import convert, decode, generate, pinning, rules, serving
+from jax_implicit import batching, convert, decode, generate, pinning, rules, serving
 from jax_implicit import model as M
 from jax_implicit.sharding import Sharder, make_mesh, RULES
 
@@ -28,7 +28,7 @@ def setup(tiny_smol_dir):
     tok = AutoTokenizer.from_pretrained(tiny_smol_dir)
     cfg = M.from_hf_config(tiny_smol_dir)
     prompts = serving.encode_all(tok, INSTRUCTIONS, "user_assistant", NEW_TOKENS, cfg.max_position_embeddings)
-    ids, mask, seen = serving.pad_batch(prompts, len(prompts), 16, cfg.pad_token_id)
+    ids, mask, seen = batching.pad_prompts(prompts, len(prompts), 16, cfg.pad_token_id)
     tables = rules.build(rules.default_config(), tok, cfg.vocab_size, tok.eos_token_id)
     args = dict(seen_mask=seen, max_new_tokens=NEW_TOKENS, rules=tables, eos_ids=serving.eos_ids_for(cfg, tok))
     tokens, lengths = decode.generate(convert.load_hf(tiny_smol_dir), ids, mask, **args)

@@ -167,8 +167,9 @@ def test_sharded_equals_single_device(tiny_dir, reference, shape):
     assert mu["layers"]["w_up"].sharding.shard_shape(mu["layers"]["w_up"].shape) == \
         expected_shard((2, 64, 128), ("layers", "embed", "mlp"), SPLITS[shape])
     # and the cache like the batch (rows) and the KV heads
-    k = out["cache"].k
-    assert k.sharding.shard_shape(k.shape) == (2, 8 // (shape[0] * shape[1]), 2 // SPLITS[shape].get("kv_heads", 1), CACHE_LEN, 16)
+    assert len(out["cache"].k) == 2  # one buffer per layer
+    k = out["cache"].k[1]
+    assert k.sharding.shard_shape(k.shape) == (8 // (shape[0] * shape[1]), 2 // SPLITS[shape].get("kv_heads", 1), CACHE_LEN, 16)
 
 
 def test_mesh_from_config_and_bad_configs():
