@@ -32,11 +32,11 @@ def run(cfg: ConfigDict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
-    from jax_implicit import batching, convert, generate, rules, serving
+    from jax_implicit import batching, convert, generate, pretrained, rules, serving
     from jax_implicit import model as M
 
     new = cfg.new_tokens
-    tok = convert.load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tok = pretrained.load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     ours = M.unstack(convert.load_hf(cfg.model.path, param_dtype="float32", dtype="float32"))  # as decoding holds it
     hf = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
     tables = rules.build(cfg.rules, tok, ours.cfg.vocab_size, tok.eos_token_id)

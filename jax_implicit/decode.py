@@ -219,16 +219,24 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
         slots = _Slots(slots.queue, token, slots.position + 1, length, done, seen)
         return slots, cache, nxt, out, lengths
 
-    def going(state):
-        slots, _, nxt, _, _ = state
-        return ~jnp.all(slots.done) | (nxt < count)
+    def going(state):  # a segment ends when a live slot's next write would not fit its cache
+        slots, cache, nxt, _, _ = state
+        fits = jnp.all(slots.done | (cache.index < cache.slots))
+        return (~jnp.all(slots.done) | (nxt < count)) & fits
 
     seen = None if tables is None else jnp.zeros((batch, vocab), bool)
     zeros = jnp.zeros(batch, jnp.int32)
     slots = _Slots(zeros, zeros, zeros, zeros, jnp.ones(batch, bool), seen)
-    state = (slots, cache, jnp.int32(0), jnp.full((n_queue, max_new_tokens), pad, jnp.int32),
-             jnp.zeros(n_queue, jnp.int32))
-    _, cache, _, out, lengths = jax.lax.while_loop(going, step, state)
+    full = cache
+    sizes = attended_lengths(width, full.slots)
+    state = (slots, full if sizes[0] == full.slots else M.KVCache.init(decoder.cfg, batch, sizes[0], per_row=True),
+             jnp.int32(0), jnp.full((n_queue, max_new_tokens), pad, jnp.int32), jnp.zeros(n_queue, jnp.int32))
+    for j, size in enumerate(sizes):  # the cache grows as the longest response does (see `attended_lengths`)
+        if j:
+            bigger = full if size == full.slots else M.KVCache.init(decoder.cfg, batch, size, per_row=True)
+            state = (state[0], _grow(state[1], bigger), *state[2:])
+        state = jax.lax.while_loop(going, step, state)
+    _, cache, _, out, lengths = state
     return out, lengths, cache
 
 

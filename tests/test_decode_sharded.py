@@ -43,6 +43,11 @@ def test_rules_decoding_on_mesh_equals_one_device(tiny_smol_dir, setup, shape):
     cache = M.KVCache.init(decoder.cfg, ids.shape[0], ids.shape[1] + NEW_TOKENS - 1)
     cache = sh.put(cache, sh.cache(cache))
     assert len(decoder.embed[...].sharding.device_set) == 8
+    unstacked = M.unstack(decoder)  # what decoding runs: each layer's weights sharded as the stack is
+    assert M.unstack(unstacked) is unstacked and unstacked.embed[...] is decoder.embed[...]
+    stacked, own = decoder.layers.w_up[...], unstacked.layers.layers[1]["w_up"][...]
+    np.testing.assert_array_equal(np.asarray(own), np.asarray(stacked[1]))
+    assert own.sharding.shard_shape(own.shape) == stacked.sharding.shard_shape(stacked.shape)[1:]
     with pinning.active(sh):
         tokens, lengths = decode.generate(decoder, ids, mask, cache=cache, **args)
     np.testing.assert_array_equal(np.asarray(tokens), want_tokens)

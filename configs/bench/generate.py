@@ -13,7 +13,7 @@ def get_config() -> ConfigDict:
     c.limit = 0  # take at most this many instructions from each dataset (0: 56 val + 200 AlpacaEval)
     c.new_tokens = 512  # response tokens at most (stopping at EOS)
     c.batch_size = 16  # our decoding slots (continuous batching)
-    c.bucket = 64  # our prompts are grouped by width in multiples of this
+    c.bucket = 64  # our prompts are grouped by padded width from this up (batching.prompt_width)
     c.hf_batch_sizes = (8, 16)  # transformers batch sizes to try (the best counts)
     c.hf_threads = "1"  # torch threads for transformers: "default" or a number
     return c
