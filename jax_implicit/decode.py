@@ -73,9 +73,8 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
     vocab = decoder.cfg.vocab_size
     pad = decoder.cfg.pad_token_id if decoder.cfg.pad_token_id is not None else 0
     positions = M.positions_from_mask(prompt_mask)
-    lengths, full = attended_lengths(width, cache.slots), cache
-    buffer = lambda slots: full if slots == full.slots else M.KVCache.init(decoder.cfg, batch, slots)  # per segment
-    cache = _prefill(decoder, buffer(lengths[0]), 0, prompt_ids, positions, prompt_mask)
+    sizes, full = attended_lengths(width, cache.slots), cache
+    cache = _prefill(decoder, _segment_cache(decoder.cfg, full, sizes[0]), 0, prompt_ids, positions, prompt_mask)
     rows = jnp.arange(batch)
     seen = None  # (batch, vocab) bool: ids seen since the end of the user tag, for the diversity rule
     if tables is not None:
@@ -99,12 +98,27 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
 
     state = (jnp.int32(0), prompt_ids[:, -1], cache, jnp.full((batch, max_new_tokens), pad, jnp.int32),
              jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), seen)
-    for j, slots in enumerate(lengths):
-        if j:  # the next segment's cache: the donated one for the last
-            state = (*state[:2], _grow(state[2], buffer(slots)), *state[3:])
-        state = jax.lax.while_loop(going, step, state)
-    _, _, cache, out, length, _, _ = state
+    _, _, cache, out, length, _, _ = _in_segments(decoder.cfg, going, step, state, 2, full, sizes)
     return out, length, cache  # returning the donated cache lets XLA update it in place
+
+
+def _segment_cache(cfg: M.ModelConfig, full: M.KVCache, slots: int) -> M.KVCache:
+    """A segment's cache: the donated `full` one for the last segment, else an empty one of `slots` slots
+    (with a write index per row when `full` has one)."""
+    if slots == full.slots:
+        return full
+    return M.KVCache.init(cfg, full.valid.shape[0], slots, per_row=full.index.ndim > 0)
+
+
+def _in_segments(cfg: M.ModelConfig, going: Callable, step: Callable, state: tuple, at: int, full: M.KVCache,
+                 sizes: list[int]) -> tuple:
+    """`lax.while_loop(going, step, state)` once per segment of `sizes` (`attended_lengths`); `state[at]` is
+    the cache, already the first segment's, and grows into the next segment's cache between loops."""
+    for slots in sizes[1:] + [None]:
+        state = jax.lax.while_loop(going, step, state)
+        if slots is not None:
+            state = (*state[:at], _grow(state[at], _segment_cache(cfg, full, slots)), *state[at + 1:])
+    return state
 
 
 def _grow(cache: M.KVCache, bigger: M.KVCache) -> M.KVCache:
@@ -227,16 +241,10 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
     seen = None if tables is None else jnp.zeros((batch, vocab), bool)
     zeros = jnp.zeros(batch, jnp.int32)
     slots = _Slots(zeros, zeros, zeros, zeros, jnp.ones(batch, bool), seen)
-    full = cache
-    sizes = attended_lengths(width, full.slots)
-    state = (slots, full if sizes[0] == full.slots else M.KVCache.init(decoder.cfg, batch, sizes[0], per_row=True),
-             jnp.int32(0), jnp.full((n_queue, max_new_tokens), pad, jnp.int32), jnp.zeros(n_queue, jnp.int32))
-    for j, size in enumerate(sizes):  # the cache grows as the longest response does (see `attended_lengths`)
-        if j:
-            bigger = full if size == full.slots else M.KVCache.init(decoder.cfg, batch, size, per_row=True)
-            state = (state[0], _grow(state[1], bigger), *state[2:])
-        state = jax.lax.while_loop(going, step, state)
-    _, cache, _, out, lengths = state
+    sizes, full = attended_lengths(width, cache.slots), cache  # the cache grows as the longest response does
+    state = (slots, _segment_cache(decoder.cfg, full, sizes[0]), jnp.int32(0),
+             jnp.full((n_queue, max_new_tokens), pad, jnp.int32), jnp.zeros(n_queue, jnp.int32))
+    _, cache, _, out, lengths = _in_segments(decoder.cfg, going, step, state, 1, full, sizes)
     return out, lengths, cache
 
 
