@@ -129,6 +129,27 @@ def test_loss_and_accumulation_match_transformers(tiny_smol_dir):
     assert ours([0, 1], 2, "example", equal)[0] == pytest.approx(ours([0, 1], 2, "token", equal)[0], abs=1e-6)
 
 
+def test_gradients_match_transformers_autograd(tiny_smol_dir):
+    """The micro-step's gradient of the token-mean loss equals PyTorch's `loss.backward()` through transformers'
+    model, tensor by tensor (this covers `projection.contract`'s hand-written backward pass)."""
+    ids = np.random.default_rng(1).integers(3, 49152, (4, 64)).astype(np.int32)
+    mask = np.ones_like(ids, bool)
+    decoder = convert.load_hf(tiny_smol_dir)
+    graphdef, params = nnx.split(decoder)
+    params = nnx.to_pure_dict(params)
+    micro_step, _ = train_step.build_steps(graphdef, train_step.make_optimizer(train_config.optim_config(), 10))
+    weights = train_step.loss_weights([dict(loss=mask)], "token")[0]
+    grads, _ = micro_step(params, train_step.zeros_accum(params), dict(tokens=ids, mask=mask, weights=weights))
+    ours = dict(convert._hf_tensors(nnx.merge(graphdef, grads)))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_smol_dir, dtype=torch.float32)
+    tokens = torch.tensor(ids, dtype=torch.long)
+    hf(input_ids=tokens, labels=tokens).loss.backward()
+    theirs = {name: p.grad.numpy() for name, p in hf.named_parameters()}
+    assert set(ours) == set(theirs)
+    for name, grad in theirs.items():
+        np.testing.assert_allclose(ours[name], grad, rtol=1e-3, atol=1e-4 * np.abs(grad).max(), err_msg=name)
+
+
 def wait_for_checkpoint(out: Path, proc: subprocess.Popen, step: int, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
