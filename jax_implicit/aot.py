@@ -175,7 +175,9 @@ def decode_estimate(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int, pro
     """The planner's per-device bytes for decoding: weights, the KV cache, one layer of the prefill and a step's
     float32 logits. The prefill layer is everything a layer's forward makes for `prompt` tokens attending
     over `slots` keys (`plan.layer_bytes_per_token`), the float32 exponentials the softmax holds beside
-    the scores, and the layer's keys and values read out of the cache."""
+    the scores, and the layer's keys and values read out of the cache. The loop's segments
+    (`decode.attended_lengths`) hold smaller caches beside the full one: at most two at a time, while one
+    grows into the next."""
     from jax_implicit import plan as P
 
     decoder = M.abstract(cfg)
@@ -185,12 +187,14 @@ def decode_estimate(cfg: M.ModelConfig, sh: Sharder, batch: int, slots: int, pro
     cache = jax.eval_shape(lambda: M.KVCache.init(cfg, batch, slots))
     cache = _per_device(jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), cache,
                                      sh.cache(cache)))
+    sizes = decode.attended_lengths(prompt, slots)[:-1]  # the segments before the last, which uses the full cache
+    segments = max((a + b for a, b in zip(sizes, sizes[1:] + [0])), default=0) * cache // slots
     rows = sh.rows((batch, 1)).shard_shape((batch, 1))[0]
     split = P.tensor_split(cfg, sh)
     heads, kv_heads = cfg.num_heads // split["heads"], cfg.num_kv_heads // split["kv_heads"]
     prefill = rows * (prompt * (P.layer_bytes_per_token(cfg, slots, split) + 4 * heads * slots)
                       + 2 * slots * kv_heads * cfg.head_dim * np.dtype(M.DTYPES[cfg.dtype]).itemsize)
-    return weights + cache + prefill + rows * 2 * 4 * cfg.vocab_size
+    return weights + cache + segments + prefill + rows * 2 * 4 * cfg.vocab_size
 
 
 def report(cfg: M.ModelConfig, name: str, mesh_cfg, target: str, micro_batch: int, seq: int, decode_cfg,

@@ -37,6 +37,13 @@ def test_decode_program_sizes_grow_with_batch_and_cache(sh):
     assert base.fits and base.peak < wide.peak and base.peak < long.peak
 
 
+def test_decode_estimate_covers_the_growing_cache(sh):
+    """1040 slots grow through five segments (128 ... 1024, 1040): the caches held beside the full one while
+    one grows into the next are in the planner's estimate, which covers the compiler's peak."""
+    compiled = aot.decode_program(TINY, sh, 64, 1040, 16, HBM)
+    assert compiled.fits and compiled.peak <= aot.decode_estimate(TINY, sh, 64, 1040, 16)
+
+
 def test_a_program_that_does_not_fit_is_refused_and_chunked_loss_makes_it_fit(sh, capsys):
     """Gemma-sized vocabulary: 4 rows x 4096 tokens x 262144 float32 logits per device are 16 GiB.
     The command (`plan --config.compile_for=...`) reports the refusal, a fix, and exits non-zero."""
