@@ -19,6 +19,7 @@ import time
 import numpy as np
 from ml_collections import ConfigDict
 
+from benchmarks import common
 from jax_implicit import cli
 
 
@@ -154,6 +155,7 @@ def run(args: ConfigDict) -> None:
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.steps):  # interleaved, so that load from other processes hits both alike
         for name, step in steps.items():
+            common.release_heap()
             wall, cpu_s = _cpu_timed(step)
             times[name].append(wall)
             cpu[name].append(cpu_s)
