@@ -117,8 +117,9 @@ def serve(decoder: M.Decoder, prompts: Mapping[int, Prompt], eos: Sequence[int],
     """Continuous batching of `prompts` {instruction index: prompt}: they are grouped by padded width
     (`batching.prompt_width` from `bucket` up, so few shapes compile) and each group is decoded in
     `batch_size` slots by `_serve`, a finished response's slot taking the next prompt at once, at most
-    `QUEUED_PER_SLOT * batch_size` prompts per call so that finished work comes back (and is kept) as it goes. Yields {index: response ids, EOS dropped} per call;
-    `on_tokens(n)` is called after every decoding step with the tokens it produced."""
+    `QUEUED_PER_SLOT * batch_size` prompts per call so that finished work comes back (and is kept) as it goes.
+    Yields {index: response ids, EOS dropped} per call; `on_tokens(n)` is called after every decoding step
+    with the tokens it produced."""
     cfg, decoder = decoder.cfg, M.unstack(decoder)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
     groups: dict[int, list[int]] = {}
