@@ -53,6 +53,11 @@ def base_weight(cfg, w: dict, name: str, dtype) -> jax.Array:
     return from_matrix(quant.dequantize(parts, dtype), *io_shapes(cfg, name))
 
 
+def _operands(spec: str) -> list[str]:
+    """An einsum spec's x, weight and output subscripts."""
+    return spec.replace("->", ",").split(",")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def contract(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """`jnp.einsum(spec, x, w)`, whose backward pass materialises the output's cotangent before the two
@@ -72,7 +77,7 @@ def _contract_fwd(spec: str, x: jax.Array, w: jax.Array) -> tuple[jax.Array, tup
 
 def _contract_bwd(spec: str, saved: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, w = saved
-    xs, ws, ys = spec.replace("->", ",").split(",")
+    xs, ws, ys = _operands(spec)
     dy = jax.lax.optimization_barrier(dy)
     return jnp.einsum(f"{ys},{ws}->{xs}", dy, w), jnp.einsum(f"{xs},{ys}->{ws}", x, dy)
 
@@ -86,7 +91,7 @@ def project(cfg, w: dict, name: str, x: jax.Array) -> jax.Array:
     y = contract(spec, x, base_weight(cfg, w, name, x.dtype))
     if name + "_lora_a" not in w:
         return y
-    xs, ws, ys = spec.replace("->", ",").split(",")
+    xs, ws, ys = _operands(spec)
     ins, outs = "".join(c for c in ws if c not in ys), "".join(c for c in ws if c in ys)
     if "lora_key" in w and cfg.lora_dropout > 0:
         keep = jax.random.bernoulli(jax.random.fold_in(w["lora_key"], list(SPECS).index(name)),
