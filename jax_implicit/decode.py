@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -46,23 +48,36 @@ def _scores(logits: jax.Array, n: jax.Array, seen: jax.Array | None, tables: R.R
     return scores
 
 
-def _prefill(decoder: M.Decoder, cache: M.KVCache, row: jax.Array | int, ids: jax.Array, positions: jax.Array,
+def _prefill(decoder: M.Decoder, cache: M.KVCache, ids: jax.Array, positions: jax.Array,
              mask: jax.Array) -> M.KVCache:
-    """Prefill all but the last token of the left-padded prompts `ids` (n, W) into cache rows `row`..`row + n`
-    (their logits are unused, so XLA drops the head); the rows' next write goes to slot W - 1. The prompts go
-    through a fresh cache of W - 1 slots that is then copied in: writing into the large cache directly made
-    XLA copy all of it at every layer (it fused one layer's write with that layer's read)."""
+    """Prefill all but the last token of the left-padded prompts `ids` (B, W) into the empty `cache` (their
+    logits are unused, so XLA drops the head); the next write goes to slot W - 1. The prompts go through a
+    fresh cache of W - 1 slots that is then copied in: writing into the large cache directly made XLA copy
+    all of it at every layer (it fused one layer's write with that layer's read)."""
     n, width = ids.shape
-    small = M.KVCache.init(decoder.cfg, n, width - 1)
+    small = M.KVCache.init(decoder.cfg, n, width - 1, per_row=cache.index.ndim > 0)
     if width > 1:
-        _, small = decoder(ids[:, :-1], positions[:, :-1], mask[:, :-1], small)
-    k, v = (tuple(jax.lax.dynamic_update_slice(b, s, (row, 0, 0, 0)) for b, s in zip(big, new)) for big, new in
-            ((cache.k, small.k), (cache.v, small.v)))
-    valid = jnp.zeros((n, cache.slots), bool).at[:, :width - 1].set(small.valid)
-    valid = jax.lax.dynamic_update_slice(cache.valid, valid, (row, 0))
-    index = (jax.lax.dynamic_update_slice(cache.index, jnp.full(n, width - 1, jnp.int32), (row,))
-             if cache.index.ndim else jnp.int32(width - 1))
-    return M.KVCache(k, v, valid, index)
+        small = decoder.hidden(ids[:, :-1], positions[:, :-1], mask[:, :-1], small)[1]
+    return _grow(small, cache)
+
+
+def _prefill_row(decoder: M.Decoder, cache: M.KVCache, r: jax.Array, ids: jax.Array, positions: jax.Array,
+                 mask: jax.Array, width: jax.Array, chunk: int) -> M.KVCache:
+    """Prefill the `width` columns (a multiple of `chunk`; traced) before the last token of the left-padded
+    row `ids` (1, W > width) into row `r` of the per-row `cache`, `chunk` tokens at a time through a fresh
+    one-row cache of the same slots, then copied in: one compiled body serves prompts of every width. The
+    row's next write goes to slot `width`."""
+    one = M.KVCache.init(decoder.cfg, 1, cache.slots)
+    start = ids.shape[1] - 1 - width
+
+    def take(j, one):
+        cut = lambda a: jax.lax.dynamic_slice_in_dim(a, start + j * chunk, chunk, axis=1)
+        return decoder.hidden(cut(ids), cut(positions), cut(mask), one)[1]
+
+    one = jax.lax.fori_loop(0, width // chunk, take, one)
+    put = lambda big, new: jax.lax.dynamic_update_slice(big, new, (r,) + (0,) * (big.ndim - 1))
+    return M.KVCache(tuple(map(put, cache.k, one.k)), tuple(map(put, cache.v, one.v)), put(cache.valid, one.valid),
+                     cache.index.at[r].set(width))
 
 
 def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array, seen_mask: jax.Array,
@@ -74,7 +89,7 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
     pad = decoder.cfg.pad_token_id if decoder.cfg.pad_token_id is not None else 0
     positions = M.positions_from_mask(prompt_mask)
     sizes, full = attended_lengths(width, cache.slots), cache
-    cache = _prefill(decoder, _segment_cache(decoder.cfg, full, sizes[0]), 0, prompt_ids, positions, prompt_mask)
+    cache = _prefill(decoder, _segment_cache(decoder.cfg, full, sizes[0]), prompt_ids, positions, prompt_mask)
     rows = jnp.arange(batch)
     seen = None  # (batch, vocab) bool: ids seen since the end of the user tag, for the diversity rule
     if tables is not None:
@@ -122,7 +137,7 @@ def _in_segments(cfg: M.ModelConfig, going: Callable, step: Callable, state: tup
 
 
 def _grow(cache: M.KVCache, bigger: M.KVCache) -> M.KVCache:
-    """`cache`'s contents at the front of the empty, larger cache `bigger`."""
+    """`cache`'s contents written over the front of the larger cache `bigger` (its other slots kept)."""
     put = lambda big, small: jax.lax.dynamic_update_slice(big, small, (0,) * big.ndim)
     return M.KVCache(tuple(map(put, bigger.k, cache.k)), tuple(map(put, bigger.v, cache.v)),
                      put(bigger.valid, cache.valid), cache.index)
@@ -181,27 +196,51 @@ class _Slots:
 
 
 def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queue_seen: jax.Array,
-           order: jax.Array, count: jax.Array, cache: M.KVCache, tables: R.RuleTables | None, eos_ids: jax.Array,
-           temperature: jax.Array, top_p: jax.Array, key: jax.Array | None, *, max_new_tokens: int
+           queue_width: jax.Array, order: jax.Array, count: jax.Array, cache: M.KVCache,
+           tables: R.RuleTables | None, eos_ids: jax.Array, temperature: jax.Array, top_p: jax.Array,
+           key: jax.Array | None, *, max_new_tokens: int, widths: tuple[int, ...]
            ) -> tuple[jax.Array, jax.Array, M.KVCache]:
     """Continuous batching: decode the first `count` of the left-padded prompts `queue_ids` (N, W) in the
     cache's B slots; whenever a slot finishes (EOS or `max_new_tokens`), the next prompt is prefilled into
-    it while the other slots keep their place. Each slot has its own write index, position and rule state,
-    and samples with `key` folded by the prompt's instruction index `order[queue]` and its response length,
-    so a response does not depend on which slot or batch it ran in. Returns tokens (N, max_new_tokens),
-    lengths (N,) and the cache."""
+    it while the other slots keep their place. Prompt n is prefilled at its own padded width
+    `widths[queue_width[n]]`, in chunks of the widths' greatest common divisor (`_prefill_row`), so prompts
+    of every length share one queue and one drain. Each slot has its own write index, position and rule
+    state, and samples with `key` folded by the prompt's instruction index `order[queue]` and its response
+    length, so a response does not depend on which slot or batch it ran in. Returns tokens
+    (N, max_new_tokens), lengths (N,) and the cache."""
     batch, vocab = cache.valid.shape[0], decoder.cfg.vocab_size
-    n_queue, width = queue_ids.shape
+    n_queue = queue_ids.shape[0]
     pad = decoder.cfg.pad_token_id if decoder.cfg.pad_token_id is not None else 0
     positions = M.positions_from_mask(queue_mask)
-    rows = jnp.arange(batch)
+    chunk = functools.reduce(math.gcd, widths)  # prefill chunk: every width is a whole number of them
+    front = lambda a: jnp.pad(a, ((0, 0), (1, 0)))  # a column before the widest prompt's prefill window
+    queue_ids, queue_mask, queue_seen, positions = map(front, (queue_ids, queue_mask, queue_seen, positions))
+
+    def width_of(nxt):
+        return jnp.asarray(widths)[queue_width[jnp.minimum(nxt, n_queue - 1)]]
+
+    def waiting(slots, cache, nxt):
+        """A slot is free and the next prompt fits the current segment's cache (with its first new token)."""
+        return jnp.any(slots.done) & (nxt < count) & (width_of(nxt) < cache.slots)
+
+    def needed(state):
+        """Cache slots the next step needs: each live row's next write, and the next prompt if a slot is free."""
+        slots, cache, nxt = state[:3]
+        live = jnp.max(jnp.where(slots.done, 0, cache.index + 1))
+        return jnp.maximum(live, jnp.where(jnp.any(slots.done) & (nxt < count), width_of(nxt) + 1, 0))
+
+    def unfinished(state):
+        return ~jnp.all(state[0].done) | (state[2] < count)
+
+    def draining(state):  # the queue is empty and few rows are left: they finish in a smaller batch
+        return (state[2] >= count) & (jnp.sum(~state[0].done) <= drain_rows)
 
     def refill(carry):
-        """Prefill the next queued prompt into the first free slot (its own batch-1 cache, then copied in)."""
+        """Prefill the next queued prompt into the first free slot."""
         slots, cache, nxt = carry
         r = jnp.argmax(slots.done)
         ids, mask, pos = (jax.lax.dynamic_slice_in_dim(a, nxt, 1) for a in (queue_ids, queue_mask, positions))
-        cache = _prefill(decoder, cache, r, ids, pos, mask)
+        cache = _prefill_row(decoder, cache, r, ids, pos, mask, width_of(nxt), chunk)
         seen = slots.seen
         if seen is not None:
             prompt = jax.lax.dynamic_index_in_dim(queue_seen, nxt, keepdims=False)
@@ -211,10 +250,10 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
                        slots.done.at[r].set(False), seen)
         return slots, cache, nxt + 1
 
-    def step(state):
+    def step(state, refills: bool = True):
         slots, cache, nxt, out, lengths = state
-        slots, cache, nxt = jax.lax.while_loop(lambda c: jnp.any(c[0].done) & (c[2] < count), refill,
-                                               (slots, cache, nxt))
+        if refills:
+            slots, cache, nxt = jax.lax.while_loop(lambda c: waiting(*c), refill, (slots, cache, nxt))
         index = cache.index
         logits, cache = decoder(slots.token[:, None], slots.position[:, None], ~slots.done[:, None], cache)
         scores = _scores(logits[:, 0], slots.length[:, None], slots.seen, tables)
@@ -228,27 +267,57 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
         length = slots.length + live
         lengths = lengths.at[target].set(length, mode="drop")
         done = slots.done | jnp.isin(token, eos_ids) | (length >= max_new_tokens)
+        rows = jnp.arange(live.shape[0])
         seen = None if slots.seen is None else slots.seen.at[rows, token].set(slots.seen[rows, token] | live)
         cache = M.KVCache(cache.k, cache.v, cache.valid, jnp.where(live, cache.index, index))  # free slots stay put
         slots = _Slots(slots.queue, token, slots.position + 1, length, done, seen)
         return slots, cache, nxt, out, lengths
 
-    def going(state):  # a segment ends when a live slot's next write would not fit its cache
-        slots, cache, nxt, _, _ = state
-        fits = jnp.all(slots.done | (cache.index < cache.slots))
-        return (~jnp.all(slots.done) | (nxt < count)) & fits
+    def segment(k: int) -> Callable:
+        """Decode with a cache of `sizes[k]` slots (the full cache's prefix, written back after) for as long as
+        the rows need more than the next smaller size and no more than this one."""
+        lower, size = ([0] + sizes)[k], sizes[k]
+        going = lambda st: unfinished(st) & (lower < needed(st)) & (needed(st) <= size) & ~draining(st)
 
+        def run(state):
+            full = state[1]
+            seg = full if size == full.slots else M.KVCache(
+                tuple(a[:, :, :size] for a in full.k), tuple(a[:, :, :size] for a in full.v),
+                full.valid[:, :size], full.index)
+            state = jax.lax.while_loop(going, step, (state[0], seg, *state[2:]))
+            return (state[0], state[1] if size == full.slots else _grow(state[1], full), *state[2:])
+        return run
+
+    def drain(state):
+        """The last live rows, gathered into `drain_rows` slots, decoded to the end (the full cache's rows
+        are left as they were)."""
+        slots, full = state[:2]
+        keep = jnp.argsort(slots.done)[:drain_rows]  # the live slots first
+        few = jax.tree.map(lambda a: a[keep], (slots, full))
+        few = jax.lax.while_loop(lambda st: ~jnp.all(st[0].done), functools.partial(step, refills=False),
+                                 (*few, *state[2:]))
+        return (dataclasses.replace(slots, done=jnp.ones_like(slots.done)), full, *few[2:])
+
+    def phase(state):
+        """The branch for the next stretch: the smallest segment the rows need, or the drain."""
+        k = jnp.searchsorted(jnp.asarray(sizes), needed(state))
+        return jnp.where(draining(state), len(sizes), k)
+
+    # Segments double from the narrowest prompt (`attended_lengths`): a step reads only as much cache as its
+    # rows need, going back down when a long response ends. The last rows drain in a quarter of the slots.
+    sizes, drain_rows = attended_lengths(widths[0] + 1, cache.slots), batch // 4
+    branches = [segment(k) for k in range(len(sizes))] + [drain] * (drain_rows > 0)
     seen = None if tables is None else jnp.zeros((batch, vocab), bool)
     zeros = jnp.zeros(batch, jnp.int32)
     slots = _Slots(zeros, zeros, zeros, zeros, jnp.ones(batch, bool), seen)
-    sizes, full = attended_lengths(width, cache.slots), cache  # the cache grows as the longest response does
-    state = (slots, _segment_cache(decoder.cfg, full, sizes[0]), jnp.int32(0),
-             jnp.full((n_queue, max_new_tokens), pad, jnp.int32), jnp.zeros(n_queue, jnp.int32))
-    _, cache, _, out, lengths = _in_segments(decoder.cfg, going, step, state, 1, full, sizes)
+    state = (slots, cache, jnp.int32(0), jnp.full((n_queue, max_new_tokens), pad, jnp.int32),
+             jnp.zeros(n_queue, jnp.int32))
+    _, cache, _, out, lengths = jax.lax.while_loop(
+        unfinished, lambda st: jax.lax.switch(phase(st), branches, st), state)
     return out, lengths, cache
 
 
-_serve_jit = jax.jit(_serve, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
+_serve_jit = jax.jit(_serve, static_argnames=("max_new_tokens", "widths"), donate_argnames=("cache",))
 
 
 def _check_new_tokens(max_new_tokens) -> None:

@@ -1,4 +1,4 @@
-"""Decoding text: instructions formatted and tokenized, grouped by padded width, decoded by continuous batching
+"""Decoding text: instructions formatted and tokenized, decoded by continuous batching
 (`decode._serve`), detokenized. `generate_texts` is what `generate`, the sweep, the local judge and the refusal
 evaluation call; a response depends only on its prompt and index, so work kept from a killed run is reused
 exactly.
@@ -105,40 +105,41 @@ def generate_prompts(decoder: M.Decoder, tokenizer, encoded: Sequence[Prompt], *
     return outputs
 
 
-# Prompts queued per decoding slot in one compiled call: a call drains its slots at the end, and a killed run
-# loses at most the call in flight.
-QUEUED_PER_SLOT = 4
+# Prompts queued per decoding slot in one compiled call: a call drains its slots at the end (its last rows
+# decode in a mostly empty batch), and a killed run loses at most the call in flight.
+QUEUED_PER_SLOT = 16
 
 
 def serve(decoder: M.Decoder, prompts: Mapping[int, Prompt], eos: Sequence[int], *, max_new_tokens: int,
           rules: R.RuleTables | None = None, batch_size: int = 16, bucket: int = 64, temperature: float = 0.0,
           top_p: float = 1.0, seed: int = 0, sharder=None, on_tokens: Callable[[int], None] | None = None
           ) -> Iterator[dict[int, list[int]]]:
-    """Continuous batching of `prompts` {instruction index: prompt}: they are grouped by padded width
-    (`batching.prompt_width` from `bucket` up, so few shapes compile) and each group is decoded in
-    `batch_size` slots by `_serve`, a finished response's slot taking the next prompt at once, at most
-    `QUEUED_PER_SLOT * batch_size` prompts per call so that finished work comes back (and is kept) as it goes.
+    """Continuous batching of `prompts` {instruction index: prompt}, shortest first, decoded in `batch_size`
+    slots by `_serve`: a finished response's slot takes the next prompt at once, prefilled at its own padded
+    width (`batching.prompt_width` from `bucket` up, so few shapes compile). One call takes at most
+    `QUEUED_PER_SLOT * batch_size` prompts, so that finished work comes back (and is kept) as it goes.
     Yields {index: response ids, EOS dropped} per call; `on_tokens(n)` is called after every decoding step
     with the tokens it produced."""
     cfg, decoder = decoder.cfg, M.unstack(decoder)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
-    groups: dict[int, list[int]] = {}
-    for k in sorted(prompts, key=lambda k: len(prompts[k].ids)):
-        groups.setdefault(batching.prompt_width(len(prompts[k].ids), bucket), []).append(k)
+    shortest_first = sorted(prompts, key=lambda k: len(prompts[k].ids))
     slots = min(batch_size, len(prompts))
     chunk = QUEUED_PER_SLOT * slots
-    for group in (g[i:i + chunk] for g in groups.values() for i in range(0, len(g), chunk)):
+    for group in (shortest_first[i:i + chunk] for i in range(0, len(shortest_first), chunk)):
+        own = [batching.prompt_width(len(prompts[k].ids), bucket) for k in group]
+        widths = tuple(sorted(set(own)))
         queue = 1 << (len(group) - 1).bit_length()  # queue rows: a power of two, for few compiled shapes
         ids, mask, seen = batching.pad_prompts([prompts[k] for k in group], queue, bucket, pad_id)
-        order = np.array(group + [0] * (queue - len(group)), np.int32)
-        shape = (slots, ids.shape[1] - 1 + max_new_tokens)
+        order, width = (np.array(a + [0] * (queue - len(group)), np.int32)
+                        for a in (group, [widths.index(w) for w in own]))
+        shape = (slots, ids.shape[1] + max_new_tokens)  # a prompt's prefill fills as many slots as its width
         cache = (M.KVCache.init(cfg, *shape, per_row=True) if sharder is None
                  else sharded_cache(cfg, sharder, *shape, per_row=True))
         with decode.listening(on_tokens):
             tokens, lengths, _ = decode._serve_jit(
-                decoder, ids, mask, seen, order, np.int32(len(group)), cache, rules,
+                decoder, ids, mask, seen, width, order, np.int32(len(group)), cache, rules,
                 np.array(eos, np.int32).reshape(-1), np.float32(temperature), np.float32(top_p),
-                jax.random.key(seed) if temperature > 0 else None, max_new_tokens=max_new_tokens)
+                jax.random.key(seed) if temperature > 0 else None, max_new_tokens=max_new_tokens, widths=widths)
             if not tokens.is_fully_addressable:  # multi-host: every process gets every row
                 from jax.experimental import multihost_utils
 

@@ -2,6 +2,8 @@
 prompt alone, with and without the rules, for prompts of very different lengths and stopping points;
 refills happen inside one compiled program; sampling is keyed by the instruction, not the slot."""
 
+import functools
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
@@ -24,19 +26,19 @@ def tiny(tiny_smol_dir):
     return tok, dec, [serving.encode(tok, p) for p in PROMPTS], tables
 
 
-def alone(dec, prompt, eos, tables, **kw):
+def alone(dec, prompt, eos, tables, max_new_tokens=NEW, **kw):
     """One prompt decoded by itself (batch 1, the static-batch decoder), as token ids without the EOS."""
     ids, mask, seen = batching.pad_prompts([prompt], 1, 16, dec.cfg.pad_token_id)
-    tokens, lengths = decode.generate(dec, ids, mask, seen_mask=seen, max_new_tokens=NEW, rules=tables,
+    tokens, lengths = decode.generate(dec, ids, mask, seen_mask=seen, max_new_tokens=max_new_tokens, rules=tables,
                                       eos_ids=eos, **kw)
     row = np.asarray(tokens)[0, :int(lengths[0])].tolist()
     return row[:-1] if row and row[-1] in eos else row
 
 
-def served(dec, tok, encoded, tables, slots, **kw):
+def served(dec, tok, encoded, tables, slots, bucket=BUCKET, **kw):
     """Every prompt's response through `generate_prompts` (continuous batching)."""
     return serving.generate_prompts(dec, tok, encoded, max_new_tokens=NEW, rules=tables, batch_size=slots,
-                                   bucket=BUCKET, **kw)
+                                   bucket=bucket, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,36 @@ def test_continuous_equals_each_prompt_alone(tiny, eos, with_rules, monkeypatch)
     assert len(stops) > 2 and NEW in stops  # rows stop early at different steps, and some run to the limit
     got = served(dec, tok, encoded, tables, slots=2)
     assert got == [tok.decode(w, skip_special_tokens=True) for w in want]
+
+
+# Single words: prompts of at most 16 tokens, most of whose responses stop early while slots keep refilling.
+WORDS = "Red Blue Go Sing Now Stop Run Yes No Hi Why Count Up Down Left Right Cat Dog Sun Moon Tree Sea Sky Rain"
+
+
+@pytest.mark.parametrize("case", ["wide prompts wait", "the cache shrinks"])
+def test_segments_and_widths_in_one_call(tiny, eos, case, monkeypatch):
+    """Segments from 17 slots (`attended_lengths(first=16)` and the narrowest width, 16, plus the first new
+    token), 4 slots, bucket 8, one call; each case's phases were checked by printing them. `wide prompts
+    wait`: PROMPTS pad to 16, 24 and 32 and each is prefilled at its own width, in chunks of 8; the fourth
+    (24) finds a free slot at the first step but waits for the cache to grow. `the cache shrinks`: 24
+    one-word prompts; the cache grows to 34 slots and goes back to 17 between them, then to the full 40,
+    and the last row finishes in the drain's one slot (4 // 4). Every response equals decoding the prompt
+    alone."""
+    tok, dec, encoded, tables = tiny
+    new = NEW if case == "wide prompts wait" else 24
+    if case == "the cache shrinks":
+        encoded = [serving.encode(tok, w + ".") for w in WORDS.split()]
+    monkeypatch.setattr(serving, "eos_ids_for", lambda cfg, tokenizer: eos)
+    monkeypatch.setattr(decode, "attended_lengths", functools.partial(decode.attended_lengths, first=16))
+    own = [batching.prompt_width(n, 8) for n in sorted(len(p.ids) for p in encoded)]
+    assert (own[:3] == [16] * 3 and own[3] > 16 and len(set(own)) == 3) if case == "wide prompts wait" else (
+        len(own) == 24 and set(own) == {16})
+    want = [alone(dec, p, eos, tables, max_new_tokens=new) for p in encoded]
+    real, calls = decode._serve_jit, []
+    monkeypatch.setattr(decode, "_serve_jit", lambda *a, **k: calls.append(k["widths"]) or real(*a, **k))
+    got = serving.generate_prompts(dec, tok, encoded, max_new_tokens=new, rules=tables, batch_size=4, bucket=8)
+    assert got == [tok.decode(w, skip_special_tokens=True) for w in want]
+    assert calls == [tuple(sorted(set(own)))]
 
 
 def test_refills_do_not_recompile(tiny):

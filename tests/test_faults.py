@@ -298,10 +298,12 @@ def test_generate_killed_midway_resumes_to_identical_output(tiny_smol_dir, instr
 
 
 def test_generate_sigkilled_midway_resumes_to_identical_output(tiny_smol_dir, tmp_path):
-    """The real thing from the command line: SIGKILL once the first batch is kept; no compile cache, and each
-    instruction its own batch of another padded width, so every later batch waits on a compilation."""
-    instructions = tmp_path / "three.jsonl"
-    texts = ["Hi.", "Name three colors that are used in flags.", "Write one long sentence about the sea, " * 3]
+    """The real thing from the command line: SIGKILL once the first call's responses are kept. One slot takes
+    `QUEUED_PER_SLOT` prompts a call, so the short instructions fill the first call and the long one is
+    the second's alone; with no compile cache, the second call waits on a compilation."""
+    instructions = tmp_path / "instructions.jsonl"
+    texts = [f"Name color {i}." for i in range(serving.QUEUED_PER_SLOT)]
+    texts.append("Write one long sentence about the sea, " * 3)
     instructions.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in texts))
     cfg = generate_config(tiny_smol_dir, instructions, tmp_path / "killed" / "out.json")
     cfg.decode.batch_size = 1
