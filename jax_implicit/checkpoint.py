@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -188,13 +189,24 @@ class Checkpoints:
             self.manager = None
 
 
-class _FirstLineOfBackgroundErrors(logging.Filter):
-    """A save that fails in orbax's writer threads (a full disk, say) is logged by each thread with its whole
-    traceback, then raised in the caller, which reports it in one line: orbax's records keep their first line."""
+def _raised_in_orbax(record: logging.LogRecord) -> bool:
+    """Whether the record was logged from orbax's code or carries an exception raised there."""
+    frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info else []
+    return any(f"{os.sep}orbax{os.sep}" in path for path in [record.pathname, *(f.filename for f in frames)])
+
+
+class _OneLineOfBackgroundErrors(logging.Filter):
+    """A save or read that fails in orbax's background work is raised in the caller, which reports it in one
+    line. Two more reports of it are trimmed: orbax's writer threads log it with the whole traceback (kept to
+    its first line), and asyncio logs every other concurrent read that failed too as `Task exception was never
+    retrieved` with its traceback (dropped: the same damage, already reported)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
-            record.exc_info, record.exc_text = None, None
+        if not (record.exc_info and _raised_in_orbax(record)):
+            return True
+        if record.name == "asyncio":
+            return False
+        record.exc_info, record.exc_text = None, None
         return True
 
 
@@ -211,7 +223,8 @@ def _drop_closed_loop_noise(previous=sys.unraisablehook):
     return hook
 
 
-logging.getLogger("absl").addFilter(_FirstLineOfBackgroundErrors())  # orbax logs through absl
+for _logger in ("absl", "asyncio"):  # orbax logs through absl; its reads run as asyncio tasks
+    logging.getLogger(_logger).addFilter(_OneLineOfBackgroundErrors())
 sys.unraisablehook = _drop_closed_loop_noise()
 
 

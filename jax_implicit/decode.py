@@ -55,7 +55,7 @@ def _prefill(decoder: M.Decoder, cache: M.KVCache, ids: jax.Array, positions: ja
     fresh cache of W - 1 slots that is then copied in: writing into the large cache directly made XLA copy
     all of it at every layer (it fused one layer's write with that layer's read)."""
     n, width = ids.shape
-    small = M.KVCache.init(decoder.cfg, n, width - 1, per_row=cache.index.ndim > 0)
+    small = M.KVCache.init(decoder.cfg, n, width - 1)
     if width > 1:
         small = decoder.hidden(ids[:, :-1], positions[:, :-1], mask[:, :-1], small)[1]
     return _grow(small, cache)
@@ -89,7 +89,8 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
     pad = decoder.cfg.pad_token_id if decoder.cfg.pad_token_id is not None else 0
     positions = M.positions_from_mask(prompt_mask)
     sizes, full = attended_lengths(width, cache.slots), cache
-    cache = _prefill(decoder, _segment_cache(decoder.cfg, full, sizes[0]), prompt_ids, positions, prompt_mask)
+    empty = lambda slots: full if slots == full.slots else M.KVCache.init(decoder.cfg, batch, slots)
+    cache = _prefill(decoder, empty(sizes[0]), prompt_ids, positions, prompt_mask)
     rows = jnp.arange(batch)
     seen = None  # (batch, vocab) bool: ids seen since the end of the user tag, for the diversity rule
     if tables is not None:
@@ -113,27 +114,12 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
 
     state = (jnp.int32(0), prompt_ids[:, -1], cache, jnp.full((batch, max_new_tokens), pad, jnp.int32),
              jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), seen)
-    _, _, cache, out, length, _, _ = _in_segments(decoder.cfg, going, step, state, 2, full, sizes)
-    return out, length, cache  # returning the donated cache lets XLA update it in place
-
-
-def _segment_cache(cfg: M.ModelConfig, full: M.KVCache, slots: int) -> M.KVCache:
-    """A segment's cache: the donated `full` one for the last segment, else an empty one of `slots` slots
-    (with a write index per row when `full` has one)."""
-    if slots == full.slots:
-        return full
-    return M.KVCache.init(cfg, full.valid.shape[0], slots, per_row=full.index.ndim > 0)
-
-
-def _in_segments(cfg: M.ModelConfig, going: Callable, step: Callable, state: tuple, at: int, full: M.KVCache,
-                 sizes: list[int]) -> tuple:
-    """`lax.while_loop(going, step, state)` once per segment of `sizes` (`attended_lengths`); `state[at]` is
-    the cache, already the first segment's, and grows into the next segment's cache between loops."""
-    for slots in sizes[1:] + [None]:
+    for slots in sizes[1:] + [None]:  # one loop per segment; the cache grows into the next one's between them
         state = jax.lax.while_loop(going, step, state)
         if slots is not None:
-            state = (*state[:at], _grow(state[at], _segment_cache(cfg, full, slots)), *state[at + 1:])
-    return state
+            state = (*state[:2], _grow(state[2], empty(slots)), *state[3:])
+    _, _, cache, out, length, _, _ = state
+    return out, length, cache  # returning the donated cache lets XLA update it in place
 
 
 def _grow(cache: M.KVCache, bigger: M.KVCache) -> M.KVCache:
@@ -277,7 +263,10 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
         """Decode with a cache of `sizes[k]` slots (the full cache's prefix, written back after) for as long as
         the rows need more than the next smaller size and no more than this one."""
         lower, size = ([0] + sizes)[k], sizes[k]
-        going = lambda st: unfinished(st) & (lower < needed(st)) & (needed(st) <= size) & ~draining(st)
+
+        def going(st):
+            need = needed(st)
+            return unfinished(st) & (lower < need) & (need <= size) & ~draining(st)
 
         def run(state):
             full = state[1]
