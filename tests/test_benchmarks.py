@@ -27,5 +27,5 @@ def test_decode_benchmark_runs_and_both_sides_agree(tiny_smol_dir):
 
 def test_generate_benchmark_runs_and_both_sides_agree(tiny_smol_dir):
     out = bench("generate", tiny_smol_dir, "--config.limit=2", "--config.new_tokens=6", "--config.batch_size=2",
-                "--config.hf_batch_sizes=2")
+                "--config.hf_batch_sizes=2", "--config.hf_threads=1")
     assert "workload: 4 instructions" in out and "identical responses 4/4" in out, out

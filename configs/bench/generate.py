@@ -15,5 +15,5 @@ def get_config() -> ConfigDict:
     c.batch_size = 16  # our decoding slots (continuous batching)
     c.bucket = 64  # our prompts are grouped by padded width from this up (batching.prompt_width)
     c.hf_batch_sizes = (8, 16)  # transformers batch sizes to try (the best counts)
-    c.hf_threads = "1"  # torch threads for transformers: "default" or a number
+    c.hf_threads = ("default", "1")  # torch thread settings tried with each batch size (the fastest counts)
     return c
