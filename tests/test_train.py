@@ -120,7 +120,9 @@ def test_loss_and_accumulation_match_transformers(tiny_smol_dir):
         whole, grads_whole = ours([0, 1, 2, 3], 4, reduction)
         split, grads_split = ours([0, 1, 2, 3], 2, reduction)
         assert whole == pytest.approx(torch_loss([0, 1, 2, 3], reduction), abs=2e-5)
-        assert split == pytest.approx(whole, abs=1e-6)
+        # a few float32 ulps at a loss of ~12 (one ulp is 9.5e-7): the micro-batch's shape picks the matmul
+        # kernels and so the summation order (1.4e-6 apart on an Intel Xeon, equal on AMD Zen 4)
+        assert split == pytest.approx(whole, abs=4e-6)
         for a, b in zip(jax.tree.leaves(grads_whole), jax.tree.leaves(grads_split)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     example, token = ours([0, 1, 2, 3], 4, "example")[0], ours([0, 1, 2, 3], 4, "token")[0]
