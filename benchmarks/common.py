@@ -71,12 +71,12 @@ def hf_rule_processor(tables: dict, width: int, seen: np.ndarray, torch):
     return Rules()
 
 
-def with_threads(torch, n: int | None, fn):
-    """`fn` run with `n` torch threads (None: torch's default). On a loaded 2-core machine OpenMP's second
-    thread can make small ops several times slower, so the baselines try both."""
+def with_threads(torch, setting: str | int, fn):
+    """`fn` run with `setting` torch threads (a config's "default" or a number). On a loaded 2-core machine
+    OpenMP's second thread can make small ops several times slower, so the baselines try both."""
     def run():
         threads = torch.get_num_threads()
-        torch.set_num_threads(n or threads)
+        torch.set_num_threads(threads if setting == "default" else int(setting))
         try:
             return fn()
         finally:

@@ -73,7 +73,7 @@ def run(cfg: ConfigDict) -> None:
 
         run_ours()  # compiles
         hf_sides = {f"transformers {n if n != 'default' else torch.get_num_threads()} thread(s)":
-                    with_threads(torch, None if n == "default" else int(n), run_hf) for n in cfg.hf_threads}
+                    with_threads(torch, n, run_hf) for n in cfg.hf_threads}
         first = {name: timed(name, fn) for name, fn in hf_sides.items()}  # also their warm-up
         hf_name = min(first, key=first.get)  # the faster one is the baseline, timed alongside ours
         times = {"ours": [], hf_name: []}

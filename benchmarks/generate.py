@@ -71,7 +71,7 @@ def run(cfg: ConfigDict) -> None:
     order = sorted(prompts, key=lambda k: len(prompts[k].ids))
     results = {}
     for batch, setting in itertools.product(cfg.hf_batch_sizes, cfg.hf_threads):
-        threads, out = None if setting == "default" else int(setting), {}
+        out = {}
 
         def run_hf():
             for s in range(0, len(order), batch):
@@ -87,10 +87,10 @@ def run(cfg: ConfigDict) -> None:
                     out[k] = useful(gen[r, ids.shape[1]:].tolist(), eos)
 
         t = time.perf_counter()
-        with_threads(torch, threads, run_hf)()
+        with_threads(torch, setting, run_hf)()
         hf_wall = time.perf_counter() - t
         n_hf = sum(map(len, out.values()))
-        side = f"batch {batch}, {threads or torch.get_num_threads()} thread(s)"
+        side = f"batch {batch}, {torch.get_num_threads() if setting == 'default' else setting} thread(s)"
         results[side] = (n_hf / hf_wall, hf_wall, out)
         print(f"transformers {side}: {n_hf} useful tokens in {hf_wall:.1f} s = {n_hf / hf_wall:.1f} tok/s "
               f"(load {os.getloadavg()[0]:.1f})", flush=True)
