@@ -71,12 +71,17 @@ def hf_rule_processor(tables: dict, width: int, seen: np.ndarray, torch):
     return Rules()
 
 
+def thread_count(torch, setting: str | int) -> int:
+    """The torch threads a config's thread setting ("default" or a number) stands for."""
+    return torch.get_num_threads() if setting == "default" else int(setting)
+
+
 def with_threads(torch, setting: str | int, fn):
     """`fn` run with `setting` torch threads (a config's "default" or a number). On a loaded 2-core machine
     OpenMP's second thread can make small ops several times slower, so the baselines try both."""
     def run():
         threads = torch.get_num_threads()
-        torch.set_num_threads(threads if setting == "default" else int(setting))
+        torch.set_num_threads(thread_count(torch, setting))
         try:
             return fn()
         finally:

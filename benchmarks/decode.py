@@ -18,7 +18,7 @@ import time
 
 from ml_collections import ConfigDict
 
-from benchmarks.common import copy_bandwidth, hf_rule_processor, host_tables, machine, seen_ids, with_threads
+from benchmarks.common import copy_bandwidth, hf_rule_processor, host_tables, machine, seen_ids, thread_count, with_threads
 from jax_implicit import cli
 
 
@@ -72,7 +72,7 @@ def run(cfg: ConfigDict) -> None:
             return time.perf_counter() - t
 
         run_ours()  # compiles
-        hf_sides = {f"transformers {n if n != 'default' else torch.get_num_threads()} thread(s)":
+        hf_sides = {f"transformers {thread_count(torch, n)} thread(s)":
                     with_threads(torch, n, run_hf) for n in cfg.hf_threads}
         first = {name: timed(name, fn) for name, fn in hf_sides.items()}  # also their warm-up
         hf_name = min(first, key=first.get)  # the faster one is the baseline, timed alongside ours

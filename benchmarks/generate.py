@@ -17,7 +17,7 @@ import time
 
 from ml_collections import ConfigDict
 
-from benchmarks.common import hf_rule_processor, host_tables, machine, seen_ids, with_threads
+from benchmarks.common import hf_rule_processor, host_tables, machine, seen_ids, thread_count, with_threads
 from jax_implicit import cli
 
 WORKLOAD = (("val", 56), ("alpaca_eval", 200))
@@ -90,7 +90,7 @@ def run(cfg: ConfigDict) -> None:
         with_threads(torch, setting, run_hf)()
         hf_wall = time.perf_counter() - t
         n_hf = sum(map(len, out.values()))
-        side = f"batch {batch}, {torch.get_num_threads() if setting == 'default' else setting} thread(s)"
+        side = f"batch {batch}, {thread_count(torch, setting)} thread(s)"
         results[side] = (n_hf / hf_wall, hf_wall, out)
         print(f"transformers {side}: {n_hf} useful tokens in {hf_wall:.1f} s = {n_hf / hf_wall:.1f} tok/s "
               f"(load {os.getloadavg()[0]:.1f})", flush=True)
