@@ -270,8 +270,11 @@ def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, attend: jax.Arra
     K, S = k.shape[1:3]
     G = H // K  # the query heads sharing a KV head are rows of one (G*T, Dh) matrix per (b, k)
     q = q.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
-    logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(1 / math.sqrt(scalar))
+    # The cache is the dot's left operand: (S, Dh) times (Dh, G*T) streams through the cache at twice the speed
+    # of (G*T, Dh) times (Dh, S) on XLA:CPU; the small result is transposed after scaling (a transpose right
+    # after the dot is folded back into it).
+    logits = jnp.einsum("bksd,bkqd->bksq", k, q, preferred_element_type=jnp.float32)
+    logits = (logits * jnp.float32(1 / math.sqrt(scalar))).swapaxes(2, 3)
     attend = jnp.broadcast_to(attend[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
     logits = jnp.where(attend, logits, -0.7 * jnp.finfo(jnp.float32).max)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -81,6 +81,22 @@ def test_kv_cache_prefill_then_steps_equals_full_forward(tiny_hf):
     assert int(cache.index) == ids.shape[1]
 
 
+def test_cached_attention_reads_the_cache_as_the_dots_left_operand():
+    """The decoding step's key dot keeps the cache as its left operand, (S, Dh) x (Dh, G*T) per (batch, KV head),
+    which XLA:CPU streams at twice the speed of the transposed form; it is easily folded back by reordering the
+    scale and the transpose. The result equals plain grouped attention."""
+    B, S, K, G, Dh = 2, 48, 3, 3, 64
+    rng = np.random.default_rng(0)
+    shapes = (B, 1, K * G, Dh), (B, K, S, Dh), (B, K, S, Dh)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
+    attend = jnp.asarray(rng.random((B, 1, S)) < 0.8)
+    cached = jax.jit(lambda q, k, v: M._cached_attention(q, k, v, attend, Dh))
+    dots = [line for line in cached.lower(q, k, v).compile().as_text().splitlines() if " dot(" in line]
+    assert any(f"f32[{B},{K},{S},{G}]" in line for line in dots), dots
+    plain = M._attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), attend, Dh)
+    np.testing.assert_allclose(cached(q, k, v), plain, atol=1e-5)
+
+
 def test_bfloat16_compute_close_to_float32(tiny_hf):
     """bf16 params and compute (norms, softmax and logits stay f32). Documented tolerance: max error
     within 5% of the largest |logit|, mean error within 1%, argmax agreeing on 90% of positions."""
