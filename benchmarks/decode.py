@@ -18,7 +18,8 @@ import time
 
 from ml_collections import ConfigDict
 
-from benchmarks.common import copy_bandwidth, hf_rule_processor, host_tables, machine, seen_ids, thread_count, with_threads
+from benchmarks.common import (copy_bandwidth, hf_rule_processor, host_tables, machine, seen_ids, thread_count,
+                               with_threads)
 from jax_implicit import cli
 
 
