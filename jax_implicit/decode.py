@@ -11,7 +11,6 @@ batch on a device mesh beforehand.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_implicit import model as M
+from jax_implicit import pinning
 from jax_implicit import rules as R
 
 
@@ -85,8 +85,7 @@ def _generate(decoder: M.Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
               top_p: jax.Array, key: jax.Array | None, *, max_new_tokens: int
               ) -> tuple[jax.Array, jax.Array, M.KVCache]:
     batch, width = prompt_ids.shape
-    vocab = decoder.cfg.vocab_size
-    pad = decoder.cfg.pad_token_id if decoder.cfg.pad_token_id is not None else 0
+    vocab, pad = decoder.cfg.vocab_size, _pad_id(decoder.cfg)
     positions = M.positions_from_mask(prompt_mask)
     sizes, full = attended_lengths(width, cache.slots), cache
     empty = lambda slots: full if slots == full.slots else M.KVCache.init(decoder.cfg, batch, slots)
@@ -145,28 +144,6 @@ def attended_lengths(width: int, slots: int, first: int = 128) -> list[int]:
 _generate_jit = jax.jit(_generate, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
 
 
-# Per-token progress: `_serve` reports each step's new tokens through a host callback to this listener
-# (set by `listening` for one call). A module-level function, so the compiled program does not depend on
-# which listener is set.
-_token_listener: Callable[[int], None] | None = None
-
-
-@contextlib.contextmanager
-def listening(on_tokens: Callable[[int], None] | None):
-    """While inside, `on_tokens(n)` is called after every step of `_serve` with the tokens it produced."""
-    global _token_listener
-    _token_listener = on_tokens
-    try:
-        yield
-    finally:
-        _token_listener = None
-
-
-def _count_tokens(n: jax.Array) -> None:
-    if _token_listener is not None:
-        _token_listener(int(n))
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _Slots:
@@ -181,22 +158,56 @@ class _Slots:
     seen: jax.Array | None  # (B, V) bool: the diversity rule's seen ids
 
 
+# Continuous batching's state between calls: the slots, the cache, the next queue entry to prefill, the
+# responses (N, max_new_tokens) and their lengths (N,).
+ServeState = tuple[_Slots, M.KVCache, jax.Array, jax.Array, jax.Array]
+
+
+def _pad_id(cfg: M.ModelConfig) -> int:
+    """What fills the responses after their end."""
+    return cfg.pad_token_id if cfg.pad_token_id is not None else 0
+
+
+def _pinned(state: ServeState) -> ServeState:
+    """The state pinned to the active mesh by its logical axes (slots and cache rows along the batch), so that
+    every call takes it placed as the one before returned it and runs the same compiled program."""
+    slots, cache, nxt, out, lengths = state
+    is_axes = lambda a: isinstance(a, tuple) and all(isinstance(n, str) for n in a)
+    rows = lambda a: None if a is None else pinning.constrain(a, ("batch",) + (None,) * (a.ndim - 1))
+    return (jax.tree.map(rows, slots), jax.tree.map(pinning.constrain, cache, cache.logical_axes(), is_leaf=is_axes),
+            nxt, pinning.constrain(out, (None, None)), pinning.constrain(lengths, (None,)))
+
+
+@functools.partial(jax.jit, static_argnames=("vocab", "n_queue", "rules", "max_new_tokens", "pad"),
+                   donate_argnames=("cache",))
+def _serve_start(cache: M.KVCache, *, vocab: int, n_queue: int, rules: bool, max_new_tokens: int,
+                 pad: int) -> ServeState:
+    """Every slot free, nothing decoded; compiled, so that the state is placed where the cache is."""
+    batch = cache.valid.shape[0]
+    zeros = lambda: jnp.zeros(batch, jnp.int32)
+    slots = _Slots(zeros(), zeros(), zeros(), zeros(), jnp.ones(batch, bool),
+                   jnp.zeros((batch, vocab), bool) if rules else None)
+    return _pinned((slots, cache, jnp.int32(0), jnp.full((n_queue, max_new_tokens), pad, jnp.int32),
+                    jnp.zeros(n_queue, jnp.int32)))
+
+
 def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queue_seen: jax.Array,
-           queue_width: jax.Array, order: jax.Array, count: jax.Array, cache: M.KVCache,
+           queue_width: jax.Array, order: jax.Array, count: jax.Array, state: ServeState,
            tables: R.RuleTables | None, eos_ids: jax.Array, temperature: jax.Array, top_p: jax.Array,
-           key: jax.Array | None, *, max_new_tokens: int, widths: tuple[int, ...]
-           ) -> tuple[jax.Array, jax.Array, M.KVCache]:
-    """Continuous batching: decode the first `count` of the left-padded prompts `queue_ids` (N, W) in the
-    cache's B slots; whenever a slot finishes (EOS or `max_new_tokens`), the next prompt is prefilled into
-    it while the other slots keep their place. Prompt n is prefilled at its own padded width
-    `widths[queue_width[n]]`, in chunks of the widths' greatest common divisor (`_prefill_row`), so prompts
-    of every length share one queue and one drain. Each slot has its own write index, position and rule
-    state, and samples with `key` folded by the prompt's instruction index `order[queue]` and its response
-    length, so a response does not depend on which slot or batch it ran in. Returns tokens
-    (N, max_new_tokens), lengths (N,) and the cache."""
+           key: jax.Array | None, *, max_new_tokens: int, widths: tuple[int, ...], steps: int
+           ) -> tuple[ServeState, jax.Array, jax.Array]:
+    """Continuous batching, about `steps` decoding steps of it from `state`: decode the first `count` of the
+    left-padded prompts `queue_ids` (N, W) in the cache's B slots; whenever a slot finishes (EOS or
+    `max_new_tokens`), the next prompt is prefilled into it while the other slots keep their place. Prompt n is
+    prefilled at its own padded width `widths[queue_width[n]]`, in chunks of the widths' greatest common
+    divisor (`_prefill_row`), so prompts of every length share one queue and one drain. Each slot has its
+    own write index, position and rule state, and samples with `key` folded by the prompt's instruction index
+    `order[queue]` and its response length, so a response does not depend on which slot or batch it ran in,
+    nor on where the calls split the work. Returns the state, the tokens produced in this call and whether
+    work is left (the drain, once begun, runs to its end in one call)."""
+    cache = state[1]
     batch, vocab = cache.valid.shape[0], decoder.cfg.vocab_size
     n_queue = queue_ids.shape[0]
-    pad = decoder.cfg.pad_token_id if decoder.cfg.pad_token_id is not None else 0
     positions = M.positions_from_mask(queue_mask)
     chunk = functools.reduce(math.gcd, widths)  # prefill chunk: every width is a whole number of them
     front = lambda a: jnp.pad(a, ((0, 0), (1, 0)))  # a column before the widest prompt's prefill window
@@ -218,6 +229,9 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
     def unfinished(state):
         return ~jnp.all(state[0].done) | (state[2] < count)
 
+    def within(state):  # this call's steps are not used up
+        return state[6] < steps
+
     def draining(state):  # the queue is empty and few rows are left: they finish in a smaller batch
         return (state[2] >= count) & (jnp.sum(~state[0].done) <= drain_rows)
 
@@ -237,7 +251,7 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
         return slots, cache, nxt + 1
 
     def step(state, refills: bool = True):
-        slots, cache, nxt, out, lengths = state
+        slots, cache, nxt, out, lengths, made, taken = state
         if refills:
             slots, cache, nxt = jax.lax.while_loop(lambda c: waiting(*c), refill, (slots, cache, nxt))
         index = cache.index
@@ -247,7 +261,6 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
         token = jax.vmap(lambda s, n, k: _pick(s[None], n, temperature, top_p, k)[0],
                          in_axes=(0, 0, None if key is None else 0))(scores, slots.length, row_keys)
         live = ~slots.done
-        jax.debug.callback(_count_tokens, jnp.sum(live))
         target = jnp.where(live, slots.queue, n_queue)  # free slots write nowhere (dropped)
         out = out.at[target, slots.length].set(token, mode="drop")
         length = slots.length + live
@@ -257,7 +270,7 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
         seen = None if slots.seen is None else slots.seen.at[rows, token].set(slots.seen[rows, token] | live)
         cache = M.KVCache(cache.k, cache.v, cache.valid, jnp.where(live, cache.index, index))  # free slots stay put
         slots = _Slots(slots.queue, token, slots.position + 1, length, done, seen)
-        return slots, cache, nxt, out, lengths
+        return slots, cache, nxt, out, lengths, made + jnp.sum(live), taken + 1
 
     def segment(k: int) -> Callable:
         """Decode with a cache of `sizes[k]` slots (the full cache's prefix, written back after) for as long as
@@ -266,7 +279,7 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
 
         def going(st):
             need = needed(st)
-            return unfinished(st) & (lower < need) & (need <= size) & ~draining(st)
+            return unfinished(st) & within(st) & (lower < need) & (need <= size) & ~draining(st)
 
         def run(state):
             full = state[1]
@@ -296,17 +309,42 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
     # rows need, going back down when a long response ends. The last rows drain in a quarter of the slots.
     sizes, drain_rows = attended_lengths(widths[0] + 1, cache.slots), batch // 4
     branches = [segment(k) for k in range(len(sizes))] + [drain] * (drain_rows > 0)
-    seen = None if tables is None else jnp.zeros((batch, vocab), bool)
-    zeros = jnp.zeros(batch, jnp.int32)
-    slots = _Slots(zeros, zeros, zeros, zeros, jnp.ones(batch, bool), seen)
-    state = (slots, cache, jnp.int32(0), jnp.full((n_queue, max_new_tokens), pad, jnp.int32),
-             jnp.zeros(n_queue, jnp.int32))
-    _, cache, _, out, lengths = jax.lax.while_loop(
-        unfinished, lambda st: jax.lax.switch(phase(st), branches, st), state)
-    return out, lengths, cache
+    state = jax.lax.while_loop(lambda st: unfinished(st) & within(st),
+                               lambda st: jax.lax.switch(phase(st), branches, st), (*state, jnp.int32(0), jnp.int32(0)))
+    return _pinned(state[:5]), state[5], unfinished(state)
 
 
-_serve_jit = jax.jit(_serve, static_argnames=("max_new_tokens", "widths"), donate_argnames=("cache",))
+# Continuous batching's compiled program: the state (its cache included) is donated and updated in place.
+_serve_jit = jax.jit(_serve, static_argnames=("max_new_tokens", "widths", "steps"), donate_argnames=("state",))
+
+# Decoding steps per call of `_serve_jit`: progress is reported between calls (a host callback inside the
+# loop would keep the program out of JAX's persistent compilation cache), at a few microseconds a call.
+STEPS_PER_CALL = 64
+
+
+def serve_queue(decoder: M.Decoder, queue_ids: np.ndarray, queue_mask: np.ndarray, queue_seen: np.ndarray,
+                queue_width: np.ndarray, order: np.ndarray, count: int, cache: M.KVCache,
+                tables: R.RuleTables | None, eos_ids: Sequence[int], temperature: float, top_p: float,
+                key: jax.Array | None, *, max_new_tokens: int, widths: tuple[int, ...],
+                on_tokens: Callable[[int], None] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Decode a queue of prompts by continuous batching (`_serve`) in calls of `STEPS_PER_CALL` steps;
+    `on_tokens(n)` after each call with the tokens it produced. Returns tokens (N, max_new_tokens) and
+    lengths (N,)."""
+    state = _serve_start(cache, vocab=decoder.cfg.vocab_size, n_queue=queue_ids.shape[0], rules=tables is not None,
+                         max_new_tokens=max_new_tokens, pad=_pad_id(decoder.cfg))
+    # Committed to its devices as the decoding calls return it (an unsharded cache is not), so that every call
+    # runs one compiled program.
+    state = jax.tree.map(lambda a: a if a.committed else jax.device_put(a, a.sharding), state)
+    eos_ids, temperature, top_p = np.array(eos_ids, np.int32).reshape(-1), np.float32(temperature), np.float32(top_p)
+    more = True
+    while more:
+        state, made, more = _serve_jit(decoder, queue_ids, queue_mask, queue_seen, queue_width, order, np.int32(count),
+                                       state, tables, eos_ids, temperature, top_p, key, max_new_tokens=max_new_tokens,
+                                       widths=widths, steps=STEPS_PER_CALL)
+        if on_tokens is not None:
+            on_tokens(int(made))
+        more = bool(more)
+    return state[3], state[4]
 
 
 def _check_new_tokens(max_new_tokens) -> None:

@@ -118,8 +118,8 @@ def serve(decoder: M.Decoder, prompts: Mapping[int, Prompt], eos: Sequence[int],
     slots by `_serve`: a finished response's slot takes the next prompt at once, prefilled at its own padded
     width (`batching.prompt_width` from `bucket` up, so few shapes compile). One call takes at most
     `QUEUED_PER_SLOT * batch_size` prompts, so that finished work comes back (and is kept) as it goes.
-    Yields {index: response ids, EOS dropped} per call; `on_tokens(n)` is called after every decoding step
-    with the tokens it produced."""
+    Yields {index: response ids, EOS dropped} per call; `on_tokens(n)` is called every
+    `decode.STEPS_PER_CALL` decoding steps with the tokens they produced."""
     cfg, decoder = decoder.cfg, M.unstack(decoder)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
     shortest_first = sorted(prompts, key=lambda k: len(prompts[k].ids))
@@ -135,15 +135,14 @@ def serve(decoder: M.Decoder, prompts: Mapping[int, Prompt], eos: Sequence[int],
         shape = (slots, ids.shape[1] + max_new_tokens)  # a prompt's prefill fills as many slots as its width
         cache = (M.KVCache.init(cfg, *shape, per_row=True) if sharder is None
                  else sharded_cache(cfg, sharder, *shape, per_row=True))
-        with decode.listening(on_tokens):
-            tokens, lengths, _ = decode._serve_jit(
-                decoder, ids, mask, seen, width, order, np.int32(len(group)), cache, rules,
-                np.array(eos, np.int32).reshape(-1), np.float32(temperature), np.float32(top_p),
-                jax.random.key(seed) if temperature > 0 else None, max_new_tokens=max_new_tokens, widths=widths)
-            if not tokens.is_fully_addressable:  # multi-host: every process gets every row
-                from jax.experimental import multihost_utils
+        tokens, lengths = decode.serve_queue(
+            decoder, ids, mask, seen, width, order, len(group), cache, rules, eos, temperature, top_p,
+            jax.random.key(seed) if temperature > 0 else None, max_new_tokens=max_new_tokens, widths=widths,
+            on_tokens=on_tokens)
+        if not tokens.is_fully_addressable:  # multi-host: every process gets every row
+            from jax.experimental import multihost_utils
 
-                tokens, lengths = multihost_utils.process_allgather((tokens, lengths), tiled=True)
-            tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+            tokens, lengths = multihost_utils.process_allgather((tokens, lengths), tiled=True)
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
         rows = {k: tokens[r, :lengths[r]].tolist() for r, k in enumerate(group)}
         yield {k: row[:-1] if row and row[-1] in eos else row for k, row in rows.items()}

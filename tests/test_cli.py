@@ -107,3 +107,34 @@ def test_each_decoding_variant_has_its_own_label_and_file():
     assert named[""] == ("smollm2-135m-instruct-rules", Path("outputs/generate/smollm2-135m-instruct-rules-alpaca_eval.json"))
     assert named["no_eos"][0] == "smollm2-135m-instruct-rules-no_eos" and named["no_rules"][0].endswith("-greedy")
     assert len({g for g, _ in named.values()}) == len({p for _, p in named.values()}) == 5
+
+
+CACHED_RUN = """
+import jax
+from jax_implicit import cli
+
+hits = []
+jax.monitoring.register_event_listener(lambda event, **_: hits.append(event))
+
+def run(cfg):
+    jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()
+    return {"dir": jax.config.jax_compilation_cache_dir, "hits": hits.count("/jax/compilation_cache/cache_hits")}
+
+cli.main(run, "configs/bench/generate.py", argv=[])
+"""
+
+
+def test_every_command_keeps_its_compiled_programs_between_runs(tmp_path):
+    import json
+
+    def cached_run(**env) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | env
+        out = subprocess.run([sys.executable, "-c", CACHED_RUN], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, env=env | {"JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    mine = str(tmp_path / "xla")
+    assert cached_run(JAX_COMPILATION_CACHE_DIR=mine) == {"dir": mine, "hits": 0}
+    assert cached_run(JAX_COMPILATION_CACHE_DIR=mine) == {"dir": mine, "hits": 1}  # the second run compiles nothing
+    assert cached_run()["dir"] == str(ROOT / ".jax_cache")

@@ -4,6 +4,7 @@ refills happen inside one compiled program; sampling is keyed by the instruction
 
 import functools
 
+import jax
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
@@ -90,8 +91,8 @@ def test_segments_and_widths_in_one_call(tiny, eos, case, monkeypatch):
     assert (own[:3] == [16] * 3 and own[3] > 16 and len(set(own)) == 3) if case == "wide prompts wait" else (
         len(own) == 24 and set(own) == {16})
     want = [alone(dec, p, eos, tables, max_new_tokens=new) for p in encoded]
-    real, calls = decode._serve_jit, []
-    monkeypatch.setattr(decode, "_serve_jit", lambda *a, **k: calls.append(k["widths"]) or real(*a, **k))
+    real, calls = decode.serve_queue, []
+    monkeypatch.setattr(decode, "serve_queue", lambda *a, **k: calls.append(k["widths"]) or real(*a, **k))
     got = serving.generate_prompts(dec, tok, encoded, max_new_tokens=new, rules=tables, batch_size=4, bucket=8)
     assert got == [tok.decode(w, skip_special_tokens=True) for w in want]
     assert calls == [tuple(sorted(set(own)))]
@@ -103,6 +104,28 @@ def test_refills_do_not_recompile(tiny):
     compiled = decode._serve_jit._cache_size()
     served(dec, tok, encoded[2:], tables, slots=2)  # other prompts, other refill points: same shapes
     assert decode._serve_jit._cache_size() == compiled
+
+
+def test_calls_of_a_few_steps_give_the_same_tokens_from_one_program_without_host_callbacks(tiny, eos, monkeypatch):
+    """`serve_queue` decodes in calls of `STEPS_PER_CALL` steps (here 3), reporting the tokens each produced:
+    the responses equal one call's, the reports add up to every token decoded (EOS included), every call runs
+    the same compiled program, and that program calls no host function (one would keep it out of JAX's
+    persistent compilation cache)."""
+    tok, dec, encoded, tables = tiny
+    monkeypatch.setattr(serving, "eos_ids_for", lambda cfg, tokenizer: eos)
+    whole = served(dec, tok, encoded, tables, slots=2)
+    monkeypatch.setattr(decode, "STEPS_PER_CALL", 3)
+    real, calls, made = decode._serve_jit, [], []
+    monkeypatch.setattr(decode, "_serve_jit", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    compiled = real._cache_size()
+    assert served(dec, tok, encoded, tables, slots=2, on_tokens=made.append) == whole
+    assert len(calls) > 4 and len(made) == len(calls) and real._cache_size() == compiled + 1
+    rows = {k: r for group in serving.serve(dec, dict(enumerate(encoded)), eos, max_new_tokens=NEW, rules=tables,
+                                            batch_size=2, bucket=BUCKET) for k, r in group.items()}
+    assert sum(made) == sum(len(r) + (len(r) < NEW) for r in rows.values())
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if isinstance(a, jax.Array) else a,
+                          calls[0][0])
+    assert "callback" not in real.lower(*shapes, **calls[0][1]).as_text()
 
 
 def test_sampling_is_keyed_by_instruction(tiny):

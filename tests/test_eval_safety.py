@@ -142,13 +142,13 @@ def test_replies_are_kept_batch_by_batch_and_a_killed_run_resumes(tiny_long_cont
     cfg.decode.batch_size = 2
     monkeypatch.setattr(serving, "QUEUED_PER_SLOT", 1)  # continuous batching returns replies every 2 prompts
     items = safety.load_items(cfg)
-    real, calls = decode._serve_jit, []
+    real, calls = decode.serve_queue, []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(decode, "_serve_jit", counted)
+    monkeypatch.setattr(decode, "serve_queue", counted)
     whole, total = safety.generate(cfg, items, tmp_path / "whole.json"), len(calls)
 
     def killed_after_one_call(*args, **kwargs):
@@ -158,10 +158,10 @@ def test_replies_are_kept_batch_by_batch_and_a_killed_run_resumes(tiny_long_cont
         return real(*args, **kwargs)
 
     calls.clear()
-    monkeypatch.setattr(decode, "_serve_jit", killed_after_one_call)
+    monkeypatch.setattr(decode, "serve_queue", killed_after_one_call)
     with pytest.raises(KeyboardInterrupt):
         safety.generate(cfg, items, tmp_path / "killed.json")
     assert 1 <= len(json.loads((tmp_path / "killed.json").read_text())["responses"]) < len(whole)
     calls.clear()
-    monkeypatch.setattr(decode, "_serve_jit", counted)
+    monkeypatch.setattr(decode, "serve_queue", counted)
     assert safety.generate(cfg, items, tmp_path / "killed.json") == whole and total >= 2 and len(calls) < total

@@ -282,11 +282,11 @@ def test_generate_killed_midway_resumes_to_identical_output(tiny_smol_dir, instr
     whole = generate.run(generate_config(tiny_smol_dir, instructions, tmp_path / "whole" / "out.json"))
     cfg = generate_config(tiny_smol_dir, instructions, tmp_path / "killed" / "out.json")
     monkeypatch.setattr(serving, "QUEUED_PER_SLOT", 1)  # continuous batching returns work every 2 prompts here
-    calls = interrupt_after(monkeypatch, decode, "_serve_jit", 99)
+    calls = interrupt_after(monkeypatch, decode, "serve_queue", 99)
     generate.run(generate_config(tiny_smol_dir, instructions, tmp_path / "counted" / "out.json"))
     monkeypatch.undo()
     monkeypatch.setattr(serving, "QUEUED_PER_SLOT", 1)
-    interrupt_after(monkeypatch, decode, "_serve_jit", 1)
+    interrupt_after(monkeypatch, decode, "serve_queue", 1)
     with pytest.raises(Interrupt):
         generate.run(cfg)
     kept = partial.path_for(cfg.output)
@@ -294,7 +294,7 @@ def test_generate_killed_midway_resumes_to_identical_output(tiny_smol_dir, instr
     assert 1 <= first < 5 and not Path(cfg.output).exists()
     monkeypatch.undo()
     monkeypatch.setattr(serving, "QUEUED_PER_SLOT", 1)
-    decoded = interrupt_after(monkeypatch, decode, "_serve_jit", 99)
+    decoded = interrupt_after(monkeypatch, decode, "serve_queue", 99)
     assert generate.run(cfg).read_bytes() == whole.read_bytes()
     assert len(calls) >= 2 and len(decoded) < len(calls) and not kept.exists()  # the first call's work was kept
 
@@ -452,7 +452,7 @@ def test_small_generation_faults_fail_in_one_line_before_compiling(tiny_smol_dir
 
 
 def test_nan_weights_are_named_while_loading_before_any_decoding(broken_inputs, instructions, tmp_path, monkeypatch):
-    monkeypatch.setattr(decode, "_serve_jit", lambda *a, **k: pytest.fail("decoded with NaN weights"))
+    monkeypatch.setattr(decode, "serve_queue", lambda *a, **k: pytest.fail("decoded with NaN weights"))
     cfg = generate_config(broken_inputs / "nan_weights", instructions, tmp_path / "out.json")
     fails_before_compiling(lambda: generate.run(cfg), ValueError,  # the model's shapes are traced, nothing compiled
                            r"nan_weights: tensor model.layers.1.mlp.up_proj.weight holds non-finite values$",
