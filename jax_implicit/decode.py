@@ -318,7 +318,8 @@ def _serve(decoder: M.Decoder, queue_ids: jax.Array, queue_mask: jax.Array, queu
 _serve_jit = jax.jit(_serve, static_argnames=("max_new_tokens", "widths", "steps"), donate_argnames=("state",))
 
 # Decoding steps per call of `_serve_jit`: progress is reported between calls (a host callback inside the
-# loop would keep the program out of JAX's persistent compilation cache), at a few microseconds a call.
+# loop would keep the program out of JAX's persistent compilation cache). A call that ends inside a smaller
+# segment copies that segment's cache back into the full one, and the next call copies it out again.
 STEPS_PER_CALL = 64
 
 
