@@ -5,8 +5,9 @@ instructions, the three rules, up to `new_tokens` tokens stopping at EOS; our co
     .venv/bin/python -m benchmarks.generate [--config.limit=8] [--config.new_tokens=512]   # --help: the settings
 
 Reported: useful tokens (before EOS) per second and wall time for each side (ours with and without its
-compilations; a rerun loads our compiled programs from JAX's persistent cache, `cli.persistent_cache`), transformers at the fastest of its batch sizes and torch thread settings (every pair is
-tried), the ratio, and how many responses agree token for token.
+compilations; a rerun loads our compiled programs from JAX's persistent cache, `cli.persistent_cache`),
+transformers at the fastest of its batch sizes and torch thread settings (every pair is tried), the ratio,
+and how many responses agree token for token.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def run(cfg: ConfigDict) -> None:
             later += n
 
     loaded = []  # programs that JAX's persistent compilation cache held (`cli.persistent_cache`)
-    jax.monitoring.register_event_listener(lambda event, **_: loaded.append(event == "/jax/compilation_cache/cache_hits"))
+    hit = "/jax/compilation_cache/cache_hits"
+    jax.monitoring.register_event_listener(lambda event, **_: loaded.append(event == hit))
     start = time.perf_counter()
     got = {}
     for group in serving.serve(ours, prompts, eos, max_new_tokens=new, rules=tables, batch_size=cfg.batch_size,

@@ -172,10 +172,9 @@ def _pinned(state: ServeState) -> ServeState:
     """The state pinned to the active mesh by its logical axes (slots and cache rows along the batch), so that
     every call takes it placed as the one before returned it and runs the same compiled program."""
     slots, cache, nxt, out, lengths = state
-    is_axes = lambda a: isinstance(a, tuple) and all(isinstance(n, str) for n in a)
     rows = lambda a: None if a is None else pinning.constrain(a, ("batch",) + (None,) * (a.ndim - 1))
-    return (jax.tree.map(rows, slots), jax.tree.map(pinning.constrain, cache, cache.logical_axes(), is_leaf=is_axes),
-            nxt, pinning.constrain(out, (None, None)), pinning.constrain(lengths, (None,)))
+    return (jax.tree.map(rows, slots), jax.tree.map(pinning.constrain, cache, cache.logical_axes()), nxt,
+            pinning.constrain(out, (None, None)), pinning.constrain(lengths, (None,)))
 
 
 @functools.partial(jax.jit, static_argnames=("vocab", "n_queue", "rules", "max_new_tokens", "pad"),

@@ -105,8 +105,8 @@ def generate_prompts(decoder: M.Decoder, tokenizer, encoded: Sequence[Prompt], *
     return outputs
 
 
-# Prompts queued per decoding slot in one compiled call: a call drains its slots at the end (its last rows
-# decode in a mostly empty batch), and a killed run loses at most the call in flight.
+# Prompts queued per decoding slot in one queue (`decode.serve_queue`): a queue drains its slots at the end (its
+# last rows decode in a mostly empty batch), and a killed run loses at most the queue in flight.
 QUEUED_PER_SLOT = 16
 
 
@@ -115,10 +115,10 @@ def serve(decoder: M.Decoder, prompts: Mapping[int, Prompt], eos: Sequence[int],
           top_p: float = 1.0, seed: int = 0, sharder=None, on_tokens: Callable[[int], None] | None = None
           ) -> Iterator[dict[int, list[int]]]:
     """Continuous batching of `prompts` {instruction index: prompt}, shortest first, decoded in `batch_size`
-    slots by `_serve`: a finished response's slot takes the next prompt at once, prefilled at its own padded
-    width (`batching.prompt_width` from `bucket` up, so few shapes compile). One call takes at most
+    slots by `decode.serve_queue`: a finished response's slot takes the next prompt at once, prefilled at its own
+    padded width (`batching.prompt_width` from `bucket` up, so few shapes compile). One queue holds at most
     `QUEUED_PER_SLOT * batch_size` prompts, so that finished work comes back (and is kept) as it goes.
-    Yields {index: response ids, EOS dropped} per call; `on_tokens(n)` is called every
+    Yields {index: response ids, EOS dropped} per queue; `on_tokens(n)` is called every
     `decode.STEPS_PER_CALL` decoding steps with the tokens they produced."""
     cfg, decoder = decoder.cfg, M.unstack(decoder)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]

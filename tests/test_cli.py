@@ -128,9 +128,10 @@ def test_every_command_keeps_its_compiled_programs_between_runs(tmp_path):
     import json
 
     def cached_run(**env) -> dict:
-        env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | env
+        env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | env | {
+            "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
         out = subprocess.run([sys.executable, "-c", CACHED_RUN], cwd=ROOT, capture_output=True, text=True,
-                             timeout=300, env=env | {"JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+                             timeout=300, env=env)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
