@@ -65,16 +65,19 @@ def _prefill_row(decoder: M.Decoder, cache: M.KVCache, r: jax.Array, ids: jax.Ar
                  mask: jax.Array, width: jax.Array, chunk: int) -> M.KVCache:
     """Prefill the `width` columns (a multiple of `chunk`; traced) before the last token of the left-padded
     row `ids` (1, W > width) into row `r` of the per-row `cache`, `chunk` tokens at a time through a fresh
-    one-row cache of the same slots, then copied in: one compiled body serves prompts of every width. The
-    row's next write goes to slot `width`."""
-    one = M.KVCache.init(decoder.cfg, 1, cache.slots)
+    one-row cache of the same slots, then copied in: one compiled body serves prompts of every width. Chunks of
+    padding alone are skipped: their slots stay invalid, as prefilling them would leave them. The row's next
+    write goes to slot `width`."""
     start = ids.shape[1] - 1 - width
+    skip = (width - (jnp.sum(mask, dtype=jnp.int32) - 1)) // chunk
+    fresh = M.KVCache.init(decoder.cfg, 1, cache.slots)
+    one = M.KVCache(fresh.k, fresh.v, fresh.valid, skip * chunk)
 
     def take(j, one):
         cut = lambda a: jax.lax.dynamic_slice_in_dim(a, start + j * chunk, chunk, axis=1)
         return decoder.hidden(cut(ids), cut(positions), cut(mask), one)[1]
 
-    one = jax.lax.fori_loop(0, width // chunk, take, one)
+    one = jax.lax.fori_loop(skip, width // chunk, take, one)
     put = lambda big, new: jax.lax.dynamic_update_slice(big, new, (r,) + (0,) * (big.ndim - 1))
     return M.KVCache(tuple(map(put, cache.k, one.k)), tuple(map(put, cache.v, one.v)), put(cache.valid, one.valid),
                      cache.index.at[r].set(width))

@@ -41,7 +41,7 @@ from jax.sharding import AbstractMesh
 
 from jax_implicit import memory
 from jax_implicit import model as M
-from jax_implicit.sharding import MESH_AXES, RULES, Sharder, mesh_shape
+from jax_implicit.sharding import MESH_AXES, RULES, Sharder, is_axes, mesh_shape
 
 GiB = 2**30
 
@@ -144,7 +144,6 @@ class Plan:
 def _param_leaves(cfg: M.ModelConfig) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
     """(logical axes, shape) of every parameter, without allocating any."""
     abstract = M.abstract(cfg)
-    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)
     axes = jax.tree.leaves(M.logical_axes(abstract), is_leaf=is_axes)
     return [(a, v.shape) for a, v in zip(axes, jax.tree.leaves(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))))]
 

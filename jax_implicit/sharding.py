@@ -116,9 +116,13 @@ def _path_names(path: tuple) -> tuple[str, ...]:
     return tuple(names)
 
 
+def is_axes(x: Any) -> bool:
+    """A tuple of logical axis names: a leaf, not a subtree, when mapping over a tree of axes."""
+    return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+
+
 def _flat_axes(axes: Mapping) -> dict[tuple[str, ...], tuple[str, ...]]:
     """{('layers', 'wq'): ('layers', 'embed', 'heads', 'head_dim'), ...} from a nested axes dict."""
-    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)
     leaves = jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_axes)[0]
     return {_path_names(p): a for p, a in leaves}
 
@@ -211,8 +215,7 @@ class Sharder:
 
     def cache(self, cache: M.KVCache) -> M.KVCache:
         """A KVCache of shardings (from `KVCache.logical_axes`): rows like the batch, KV heads like the parameters."""
-        is_axes = lambda a: isinstance(a, tuple) and all(isinstance(n, str) for n in a)
-        return jax.tree.map(lambda axes, x: self.named(axes, np.shape(x)), cache.logical_axes(), cache, is_leaf=is_axes)
+        return jax.tree.map(lambda x, axes: self.named(axes, np.shape(x)), cache, cache.logical_axes())
 
     def put(self, tree: Any, shardings: Any) -> Any:
         return jax.device_put(tree, shardings)

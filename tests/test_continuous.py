@@ -98,6 +98,21 @@ def test_segments_and_widths_in_one_call(tiny, eos, case, monkeypatch):
     assert calls == [tuple(sorted(set(own)))]
 
 
+def test_chunks_of_padding_alone_are_skipped(tiny, eos, monkeypatch):
+    """Widths 16, 24 and 48 at bucket 8 (chunks of 8): the long prompt's width leaves its first chunk all
+    padding, which `_prefill_row` skips; its tokens, and the others', still equal decoding it alone."""
+    tok, dec, encoded, tables = tiny
+    long = serving.encode(tok, "Describe, in two or three short sentences, how a lighthouse keeper spent a long "
+                               "winter night on the rocky island.")
+    encoded = [encoded[0], long, encoded[1]]
+    assert [batching.prompt_width(len(p.ids), 8) for p in encoded] == [16, 48, 24]
+    assert batching.prompt_width(len(long.ids), 8) - (len(long.ids) - 1) >= 8
+    monkeypatch.setattr(serving, "eos_ids_for", lambda cfg, tokenizer: eos)
+    want = [alone(dec, p, eos, tables) for p in encoded]
+    assert served(dec, tok, encoded, tables, slots=2, bucket=8) == [tok.decode(w, skip_special_tokens=True)
+                                                                     for w in want]
+
+
 def test_refills_do_not_recompile(tiny):
     tok, dec, encoded, tables = tiny
     served(dec, tok, encoded[:4], tables, slots=2)
