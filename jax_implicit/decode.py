@@ -70,8 +70,7 @@ def _prefill_row(decoder: M.Decoder, cache: M.KVCache, r: jax.Array, ids: jax.Ar
     write goes to slot `width`."""
     start = ids.shape[1] - 1 - width
     skip = (width - (jnp.sum(mask, dtype=jnp.int32) - 1)) // chunk
-    fresh = M.KVCache.init(decoder.cfg, 1, cache.slots)
-    one = M.KVCache(fresh.k, fresh.v, fresh.valid, skip * chunk)
+    one = dataclasses.replace(M.KVCache.init(decoder.cfg, 1, cache.slots), index=skip * chunk)
 
     def take(j, one):
         cut = lambda a: jax.lax.dynamic_slice_in_dim(a, start + j * chunk, chunk, axis=1)
