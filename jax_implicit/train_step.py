@@ -1,7 +1,7 @@
-"""One optimizer step as two jitted functions: micro-steps that add a fixed-shape micro-batch's gradient into
-a float32 accumulator, then one guarded Adam update. Also the loss, its exact per-token weights, the
-learning-rate curves and the train state's abstract shapes and shardings (what the planner and the AOT
-compile check reuse).
+"""One optimizer step: jitted micro-steps that add a fixed-shape micro-batch's gradient into a float32
+accumulator, then one guarded Adam update (the update tested, then applied in place). Also the loss, its
+exact per-token weights, the learning-rate curves and the train state's abstract shapes and shardings (what
+the planner and the AOT compile check reuse).
 
 Per-token loss weights are computed on the host from the whole global batch, so both reductions are
 exact however the batch is split: `example` (each example's mean token loss, averaged over examples:
@@ -101,12 +101,17 @@ def abstract_state(model_cfg: M.ModelConfig, optimizer: optax.GradientTransforma
 
 def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, state_sh: Any = None,
                 batch_sh: jax.sharding.NamedSharding | None = None, frozen_sh: Any = None) -> tuple[Callable, Callable]:
-    """The two jitted functions of an optimizer step; all arrays are arguments, buffers are donated.
+    """A jitted micro-step and the guarded update of an optimizer step; all arrays are arguments, buffers are
+    donated.
 
     micro_step(params, accum, batch, frozen) -> (accum + grad, loss): one micro-batch, float32 accumulator;
     `frozen` (LoRA: the base weights) joins `params` in the forward and gets no gradient.
-    apply_step(state, accum) -> (state, zeroed accum, applied, grad_norm): the Adam update, guarded on the
-    device: when any value of the updated state is not finite the old state is returned and `applied` is False.
+    apply_step(state, accum) -> (state, zeroed accum, applied, grad_norm): the Adam update, guarded: when any
+    value of the updated state would not be finite, the old state is kept and `applied` is False.
+    The guard is its own program, run first: it computes the update only to test it, and then the update
+    is applied in place. Testing the updated state and then selecting between it and the old one, in one
+    program, held both states (SmolLM2-135M, float32: 2.0 GB of XLA temporaries, against 0.9 GB for the test
+    and 0.55 GB for the update) and took longer on 2 CPU cores (1.5 s against 1.2 s).
     With the train state's shardings (`abstract_state`) and the micro-batch's, every input and output
     is pinned to the mesh (the accumulator is sharded like the parameters); without, jit follows its
     arguments.
@@ -115,21 +120,35 @@ def build_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
         loss, grads = jax.value_and_grad(lambda p: loss_sum(lora.combine(frozen, p), graphdef, batch))(params)
         return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), accum, grads), loss
 
-    def apply(state, accum):
+    def updated(state, accum):
         params = state["params"]
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), accum, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state)
-        applied = checkpoint.all_finite(new)
-        state = jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, state)
-        return state, jax.tree.map(jnp.zeros_like, accum), applied, optax.tree.norm(accum)
+        return dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state)
 
-    micro_kw, apply_kw = {}, {}
+    zeros = lambda accum: jax.tree.map(jnp.zeros_like, accum)
+    kw = {}
     if state_sh is not None:
         p_sh, scalar = state_sh["params"], jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
-        micro_kw = dict(in_shardings=(p_sh, p_sh, batch_sh, frozen_sh or {}), out_shardings=(p_sh, scalar))
-        apply_kw = dict(in_shardings=(state_sh, p_sh), out_shardings=(state_sh, p_sh, scalar, scalar))
-    return jax.jit(micro, donate_argnums=(1,), **micro_kw), jax.jit(apply, donate_argnums=(0, 1), **apply_kw)
+        kw = dict(micro=dict(in_shardings=(p_sh, p_sh, batch_sh, frozen_sh or {}), out_shardings=(p_sh, scalar)),
+                  check=dict(in_shardings=(state_sh, p_sh), out_shardings=(scalar, scalar)),
+                  update=dict(in_shardings=(state_sh, p_sh), out_shardings=(state_sh, p_sh)),
+                  reset=dict(in_shardings=(p_sh,), out_shardings=p_sh))
+    check = jax.jit(lambda state, accum: (checkpoint.all_finite(updated(state, accum)), optax.tree.norm(accum)),
+                    **kw.get("check", {}))
+    update = jax.jit(lambda state, accum: (updated(state, accum), zeros(accum)), donate_argnums=(0, 1),
+                     **kw.get("update", {}))
+    reset = jax.jit(zeros, donate_argnums=0, **kw.get("reset", {}))
+
+    def apply(state, accum):
+        applied, grad_norm = check(state, accum)
+        if bool(applied):
+            state, accum = update(state, accum)
+        else:
+            accum = reset(accum)
+        return state, accum, applied, grad_norm
+
+    return jax.jit(micro, donate_argnums=(1,), **kw.get("micro", {})), apply
 
 
 def build_eval(graphdef: nnx.GraphDef) -> Callable:
