@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jax_implicit import batching, convert, decode, generate, serving
+from jax_implicit import model as M
 from jax_implicit import rules as R
 
 NEW = 16
@@ -174,6 +175,35 @@ def test_tiny_equals_reference_through_the_eos_ramp(tiny_reference, tiny, name):
     assert not mismatches(tiny_reference, got, TINY_PROMPTS, name)
     stopped = [len(row) < TINY_NEW for row in got[name]]
     assert all(stopped) if name != "no_eos" else not any(stopped)  # the EOS rule is what ends them
+
+
+def test_rows_prefilled_alone_equal_the_reference(tiny_reference, tiny, monkeypatch):
+    """Prompts padded far beyond their length are prefilled one row at a time, 4 tokens at a time: each row
+    skips its chunks of padding (10-12 of 16) and runs the rest, one of them part padding, and the tokens still
+    equal the reference's."""
+    tok, dec, *_ = tiny
+    ids, mask, seen = batching.left_pad([serving.encode(tok, s) for s in TINY_PROMPTS], 3, 65, 2)
+    monkeypatch.setattr(decode, "PREFILL_CHUNK", 4)
+    chosen, choose = [], decode._row_chunk
+    monkeypatch.setattr(decode, "_row_chunk", lambda cache, mask: chosen.append(choose(cache, mask)) or chosen[-1])
+    for name in CONFIGS:
+        got = {name: rows_of(*decode.generate(dec, ids, mask, seen_mask=seen, max_new_tokens=TINY_NEW,
+                                              rules=tables_for(tok, name), eos_ids=(tok.eos_token_id,)))}
+        assert not mismatches(tiny_reference, got, TINY_PROMPTS, name)
+    assert chosen == [4] * len(CONFIGS)
+
+
+def test_rows_are_prefilled_together_when_it_saves_little_or_on_a_mesh(tiny):
+    dec = tiny[1]
+    cache = M.KVCache.init(dec.cfg, 8, 40)
+    mask = np.zeros((8, 257), bool)
+    mask[:, -3:] = True
+    assert decode._row_chunk(cache, mask) == 64  # a chunk of 64 per row, against 256 columns together
+    mesh = jax.make_mesh((8,), ("data",))
+    split = jax.tree.map(lambda a: jax.device_put(a, jax.NamedSharding(mesh, jax.P(*("data",)[:a.ndim]))), cache)
+    assert decode._row_chunk(split, mask) == 0
+    mask[:, 100:] = True  # the rows' chunks (3 of 4) would hold most of the padded tokens
+    assert decode._row_chunk(cache, mask) == 0
 
 
 def test_stops_at_eos_per_row(tiny):
