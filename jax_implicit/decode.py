@@ -440,7 +440,8 @@ def generate(decoder: M.Decoder, prompt_ids, prompt_mask, *, max_new_tokens: int
     `tokens[r, :lengths[r]]`, ending with an EOS id when it stopped early (the rest is padding).
     `rules` adds the rule-based expert; its diversity rule counts the prompt tokens marked in
     `seen_mask` (default: every real prompt token). `temperature > 0` samples with `key`.
-    `cache` (donated) may be given pre-placed; it must hold `seq + max_new_tokens - 1` slots.
+    `cache` (donated) may be given pre-placed; it must hold `seq + max_new_tokens - 1` slots. On one device, a
+    batch of mixed lengths is prefilled one row at a time, skipping each row's padding (`_row_chunk`).
     """
     cfg = decoder.cfg
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask, bool)
