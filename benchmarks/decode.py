@@ -27,15 +27,15 @@ def run(cfg: ConfigDict) -> None:
     import jax
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
 
-    from jax_implicit import batching, convert, decode, generate, rules, serving
+    from jax_implicit import batching, convert, decode, generate, pretrained, rules, serving
     from jax_implicit import model as M
 
     new = cfg.new_tokens
-    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
-    ours = M.unstack(convert.load_hf(cfg.model.path, param_dtype="float32", dtype="float32"))  # as decoding holds it
-    hf = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
+    path, tok = pretrained.locate(cfg.model)  # the shipped SmolLM2 is converted on first use
+    ours = M.unstack(convert.load_hf(path, param_dtype="float32", dtype="float32"))  # as decoding holds it
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tables = rules.build(cfg.rules, tok, ours.cfg.vocab_size, tok.eos_token_id)
     hf_tables = host_tables(tables)
     rows = generate.read_instructions(cfg.prompts)

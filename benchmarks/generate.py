@@ -39,9 +39,9 @@ def run(cfg: ConfigDict) -> None:
     from jax_implicit import model as M
 
     new = cfg.new_tokens
-    tok = pretrained.load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    ours = M.unstack(convert.load_hf(cfg.model.path, param_dtype="float32", dtype="float32"))  # as decoding holds it
-    hf = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
+    path, tok = pretrained.locate(cfg.model)  # the shipped SmolLM2 is converted on first use
+    ours = M.unstack(convert.load_hf(path, param_dtype="float32", dtype="float32"))  # as decoding holds it
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tables = rules.build(cfg.rules, tok, ours.cfg.vocab_size, tok.eos_token_id)
     eos = serving.eos_ids_for(ours.cfg, tok)
     rows = [r for name, n in WORKLOAD for r in generate.read_instructions(name, min(n, cfg.limit or n))]
