@@ -33,6 +33,19 @@ def machine(jax, torch) -> str:
             f"uptime: {uptime}")
 
 
+def load_both(model, torch) -> tuple:
+    """The tokenizer, our decoder (float32, unstacked as decoding holds it) and transformers' model from one
+    `config.model()` section; the shipped SmolLM2 is converted on first use (`pretrained.locate`)."""
+    from transformers import AutoModelForCausalLM
+
+    from jax_implicit import convert, pretrained
+    from jax_implicit import model as M
+
+    path, tok = pretrained.locate(model)
+    ours = M.unstack(convert.load_hf(path, param_dtype="float32", dtype="float32"))
+    return tok, ours, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def host_tables(tables) -> dict:
     """`rules.RuleTables` as host values: arrays, and Python scalars for the 0-d fields."""
     out = {k: np.array(v) for k, v in vars(tables).items()}  # writable copies, for torch.from_numpy

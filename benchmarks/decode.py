@@ -18,8 +18,8 @@ import time
 
 from ml_collections import ConfigDict
 
-from benchmarks.common import (copy_bandwidth, hf_rule_processor, host_tables, machine, seen_ids, thread_count,
-                               with_threads)
+from benchmarks.common import (copy_bandwidth, hf_rule_processor, host_tables, load_both, machine, seen_ids,
+                               thread_count, with_threads)
 from jax_implicit import cli
 
 
@@ -27,15 +27,12 @@ def run(cfg: ConfigDict) -> None:
     import jax
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
-    from jax_implicit import batching, convert, decode, generate, pretrained, rules, serving
-    from jax_implicit import model as M
+    from jax_implicit import batching, decode, generate, rules, serving
 
     new = cfg.new_tokens
-    path, tok = pretrained.locate(cfg.model)  # the shipped SmolLM2 is converted on first use
-    ours = M.unstack(convert.load_hf(path, param_dtype="float32", dtype="float32"))  # as decoding holds it
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok, ours, hf = load_both(cfg.model, torch)
     tables = rules.build(cfg.rules, tok, ours.cfg.vocab_size, tok.eos_token_id)
     hf_tables = host_tables(tables)
     rows = generate.read_instructions(cfg.prompts)

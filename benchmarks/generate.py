@@ -18,7 +18,7 @@ import time
 
 from ml_collections import ConfigDict
 
-from benchmarks.common import hf_rule_processor, host_tables, machine, seen_ids, thread_count, with_threads
+from benchmarks.common import hf_rule_processor, host_tables, load_both, machine, seen_ids, thread_count, with_threads
 from jax_implicit import cli
 
 WORKLOAD = (("val", 56), ("alpaca_eval", 200))
@@ -33,15 +33,12 @@ def useful(row, eos) -> list[int]:
 def run(cfg: ConfigDict) -> None:
     import jax
     import torch
-    from transformers import AutoModelForCausalLM, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
-    from jax_implicit import batching, convert, generate, pretrained, rules, serving
-    from jax_implicit import model as M
+    from jax_implicit import batching, generate, rules, serving
 
     new = cfg.new_tokens
-    path, tok = pretrained.locate(cfg.model)  # the shipped SmolLM2 is converted on first use
-    ours = M.unstack(convert.load_hf(path, param_dtype="float32", dtype="float32"))  # as decoding holds it
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok, ours, hf = load_both(cfg.model, torch)
     tables = rules.build(cfg.rules, tok, ours.cfg.vocab_size, tok.eos_token_id)
     eos = serving.eos_ids_for(ours.cfg, tok)
     rows = [r for name, n in WORKLOAD for r in generate.read_instructions(name, min(n, cfg.limit or n))]
@@ -89,8 +86,9 @@ def run(cfg: ConfigDict) -> None:
                                                     len(prompts[chunk[-1]].ids), tok.pad_token_id)
                 processor = hf_rule_processor(hf_tables, ids.shape[1], seen_ids(ids, seen, ours.cfg.vocab_size), torch)
                 with torch.no_grad():
-                    gen = hf.generate(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                                      max_new_tokens=new, do_sample=False, eos_token_id=list(eos),
+                    gen = hf.generate(input_ids=torch.from_numpy(ids).long(),
+                                      attention_mask=torch.from_numpy(mask).long(), max_new_tokens=new,
+                                      do_sample=False, eos_token_id=list(eos),
                                       pad_token_id=tok.pad_token_id, logits_processor=LogitsProcessorList([processor]))
                 for r, k in enumerate(chunk):
                     out[k] = useful(gen[r, ids.shape[1]:].tolist(), eos)
