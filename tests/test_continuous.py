@@ -2,7 +2,6 @@
 prompt alone, with and without the rules, for prompts of very different lengths and stopping points;
 refills happen inside one compiled program; sampling is keyed by the instruction, not the slot."""
 
-import functools
 
 import jax
 import numpy as np
@@ -74,7 +73,7 @@ WORDS = "Red Blue Go Sing Now Stop Run Yes No Hi Why Count Up Down Left Right Ca
 
 @pytest.mark.parametrize("case", ["wide prompts wait", "the cache shrinks"])
 def test_segments_and_widths_in_one_call(tiny, eos, case, monkeypatch):
-    """Segments from 17 slots (`attended_lengths(first=16)` and the narrowest width, 16, plus the first new
+    """Segments from 17 slots (`SERVE_FIRST_SEGMENT` set to 16, and the narrowest width, 16, plus the first new
     token), 4 slots, bucket 8, one call; each case's phases were checked by printing them. `wide prompts
     wait`: PROMPTS pad to 16, 24 and 32 and each is prefilled at its own width, in chunks of 8; the fourth
     (24) finds a free slot at the first step but waits for the cache to grow. `the cache shrinks`: 24
@@ -86,7 +85,7 @@ def test_segments_and_widths_in_one_call(tiny, eos, case, monkeypatch):
     if case == "the cache shrinks":
         encoded = [serving.encode(tok, w + ".") for w in WORDS.split()]
     monkeypatch.setattr(serving, "eos_ids_for", lambda cfg, tokenizer: eos)
-    monkeypatch.setattr(decode, "attended_lengths", functools.partial(decode.attended_lengths, first=16))
+    monkeypatch.setattr(decode, "SERVE_FIRST_SEGMENT", 16)
     own = [batching.prompt_width(n, 8) for n in sorted(len(p.ids) for p in encoded)]
     assert (own[:3] == [16] * 3 and own[3] > 16 and len(set(own)) == 3) if case == "wide prompts wait" else (
         len(own) == 24 and set(own) == {16})
