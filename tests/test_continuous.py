@@ -2,7 +2,6 @@
 prompt alone, with and without the rules, for prompts of very different lengths and stopping points;
 refills happen inside one compiled program; sampling is keyed by the instruction, not the slot."""
 
-
 import jax
 import numpy as np
 import pytest
