@@ -115,6 +115,19 @@ def release_heap() -> None:
         pass
 
 
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """XLA's float32 GFLOP/s on one (n, n) x (n, n) product, best of `repeats`: the compute ceiling that the
+    prefill and training figures are set against."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(median_seconds(lambda: f(a).block_until_ready(), 1) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
 def median_seconds(fn, repeats: int) -> float:
     """The median wall time of `repeats` calls of `fn`."""
     times = []

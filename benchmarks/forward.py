@@ -3,7 +3,9 @@
     .venv/bin/python -m benchmarks.forward [--config.batch=8] [--config.seq=256]   # --help: the settings
 
 Prints tokens/s for both and the ratio. Timings are medians over repeats after a warm-up (the JAX
-warm-up includes compilation, which is reported separately).
+warm-up includes compilation, which is reported separately). Also printed: each side's GFLOP/s against
+XLA's float32 matmul peak on this machine, and so the largest ratio that peak allows: prefill is compute-bound,
+and a side already near the peak leaves the other little to gain.
 """
 
 from __future__ import annotations
@@ -14,14 +16,23 @@ import time
 import numpy as np
 from ml_collections import ConfigDict
 
-from benchmarks.common import median_seconds
+from benchmarks.common import matmul_peak_gflops, median_seconds
 from jax_implicit import cli
+
+
+def model_flops(cfg, batch: int, seq: int, n_params: int) -> float:
+    """The least arithmetic a prefill of `batch` x `seq` tokens with logits at every position needs: 2 FLOPs per
+    weight per token (the embedding counted once, as the output head), plus the attention's score and value
+    products over the causal half of each (seq, seq) square."""
+    pairs = batch * seq * (seq + 1) // 2
+    return 2 * n_params * batch * seq + 2 * 2 * pairs * cfg.num_heads * cfg.head_dim * cfg.num_layers
 
 
 def run(args: ConfigDict) -> None:
     import jax
     import jax.numpy as jnp
     import torch
+    from flax import nnx
     from transformers import AutoModelForCausalLM
 
     from jax_implicit import convert, pretrained
@@ -53,6 +64,10 @@ def run(args: ConfigDict) -> None:
     print(f"  jax_implicit : {tokens / jax_s:10.0f} tokens/s  (first call incl. compile {compile_s:.1f} s)")
     print(f"  transformers : {tokens / torch_s:10.0f} tokens/s")
     print(f"  ratio        : {torch_s / jax_s:10.2f}x")
+    flops = model_flops(decoder.cfg, args.batch, args.seq, sum(x.size for x in jax.tree.leaves(nnx.state(decoder))))
+    peak = matmul_peak_gflops()
+    print(f"  GFLOP/s      : jax_implicit {flops / jax_s / 1e9:.0f}, transformers {flops / torch_s / 1e9:.0f}; XLA's "
+          f"float32 matmul peak {peak:.0f}, so the ratio can reach at most {peak * 1e9 * torch_s / flops:.2f}x")
 
 
 if __name__ == "__main__":

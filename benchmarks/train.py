@@ -23,23 +23,6 @@ from benchmarks import common
 from jax_implicit import cli
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def _cpu_timed(fn) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process): CPU time is far less sensitive to other jobs' load."""
     cpu, wall = time.process_time(), time.perf_counter()
@@ -145,7 +128,7 @@ def run(args: ConfigDict) -> None:
     n_tokens = tokens.size
 
     load_before = os.getloadavg()
-    peak = matmul_peak_gflops()
+    peak = common.matmul_peak_gflops()
     steps, memory = {}, {}
     for v in variants:
         for side, build in (("jax_implicit", jax_step), ("transformers", torch_step)):
